@@ -1,0 +1,316 @@
+"""The ``evflow`` command: serve an app, and invoke, resume and inspect executions.
+
+Built on click (parsing, environment variables, help) and rich (tables and colour).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import msgspec
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from .client import DEFAULT_URL, Client
+from .errors import EvflowError
+from .flow import App
+from .messages import Completed, Failed, Paused, Settled, Waiting
+from .nats_server import NatsServer
+from .server import Server
+
+logger = logging.getLogger("evflow.cli")
+out = Console()
+err = Console(stderr=True)
+
+DEFAULT_STORE = "sqlite:///.evflow/evflow.db"
+nats_option = click.option(
+    "--nats",
+    "nats_url",
+    envvar="EVFLOW_NATS_URL",
+    default=DEFAULT_URL,
+    show_default=True,
+    help="NATS server URL (env EVFLOW_NATS_URL).",
+)
+
+
+@click.group()
+@click.version_option(package_name="evflow")
+def main() -> None:
+    """evflow: event-sourced pause-and-resume flows on NATS."""
+
+
+@main.command()
+@click.option("--app", "app_spec", required=True, help="The App to serve, as MODULE:ATTR.")
+@click.option(
+    "--nats",
+    "nats_url",
+    envvar="EVFLOW_NATS_URL",
+    default=None,
+    help="NATS server URL (env EVFLOW_NATS_URL). Without it an embedded nats-server "
+    "with JetStream is started on 127.0.0.1:4222.",
+)
+@click.option(
+    "--store",
+    envvar="EVFLOW_STORE",
+    default=DEFAULT_STORE,
+    show_default=True,
+    help="The event log, sqlite:///PATH (env EVFLOW_STORE).",
+)
+@click.option("--log-level", default="INFO", show_default=True, help="DEBUG, INFO, WARNING...")
+def serve(app_spec: str, nats_url: str | None, store: str, log_level: str) -> None:
+    """Serve the flows of an App until SIGINT or SIGTERM."""
+    logging.basicConfig(
+        level=log_level.upper(), format="%(message)s", handlers=[RichHandler(console=err)]
+    )
+    app = _load_app(app_spec)
+    try:
+        asyncio.run(_serve(app, nats_url, store))
+    except EvflowError as error:
+        raise click.ClickException(error.message) from None
+
+
+async def _serve(app: App, nats_url: str | None, store: str) -> None:
+    embedded = None
+    if nats_url is None:
+        embedded = NatsServer(_store_folder(store) / "nats", port=4222)
+        await embedded.start()
+        nats_url = embedded.url
+    server = Server(app, store, nats_url)
+    try:
+        await server.start()
+        _announce(app, server)
+        await _until_signalled()
+        logger.info("stopping: finishing commands in flight")
+    finally:
+        await server.stop()
+        if embedded is not None:
+            await embedded.stop()
+
+
+def _store_folder(store: str) -> Path:
+    return Path(store.removeprefix("sqlite:///")).resolve().parent
+
+
+def _announce(app: App, server: Server) -> None:
+    for flow in app.flows.values():
+        logger.info("serving flow '%s' on %s", flow.name, server.subjects.invoke(flow.name))
+    example = next(iter(app.flows.values()), None)
+    if example is not None:
+        names = [field.name for field in msgspec.structs.fields(example.inputs)]
+        fields = " ".join(f"--input {name}=..." for name in names)
+        logger.info("try it: evflow invoke %s %s", example.name, fields)
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def _load_app(spec: str) -> App:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise click.BadParameter(
+            f"'{spec}' is not MODULE:ATTR, e.g. examples.flows:app", param_hint="--app"
+        )
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        app = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as error:
+        raise click.BadParameter(f"cannot load '{spec}': {error}", param_hint="--app") from None
+    if not isinstance(app, App):
+        raise click.BadParameter(
+            f"'{spec}' is a {type(app).__name__}, not an evflow App", param_hint="--app"
+        )
+    return app
+
+
+@main.command()
+@click.argument("flow")
+@click.option(
+    "--input",
+    "-i",
+    "pairs",
+    multiple=True,
+    metavar="K=V",
+    help="An input field; V is read as JSON when it parses, else as text.",
+)
+@click.option("--json", "body", metavar="BODY", help="The whole input as a JSON object.")
+@click.option("--idempotency-key", help="Makes a repeat of this invoke return the first reply.")
+@nats_option
+def invoke(
+    flow: str, pairs: tuple[str, ...], body: str | None, idempotency_key: str | None, nats_url: str
+) -> None:
+    """Start an execution of FLOW and print where it settled."""
+    fields = _fields(pairs, body, "--input")
+    reply = _call(nats_url, lambda c: c.invoke(flow, fields, idempotency_key=idempotency_key))
+    _print_reply(reply)
+
+
+@main.command()
+@click.argument("flow")
+@click.argument("execution_id")
+@click.option(
+    "--output",
+    "-o",
+    "pairs",
+    multiple=True,
+    metavar="K=V",
+    help="An output field of the pause; V is read as JSON when it parses, else text.",
+)
+@click.option("--json", "body", metavar="BODY", help="The whole answer as a JSON object.")
+@click.option("--pause", type=int, help="The sequence of the pause to answer, to be exact.")
+@click.option("--idempotency-key", help="Makes a repeat of this resume return the first reply.")
+@nats_option
+def resume(
+    flow: str,
+    execution_id: str,
+    pairs: tuple[str, ...],
+    body: str | None,
+    pause: int | None,
+    idempotency_key: str | None,
+    nats_url: str,
+) -> None:
+    """Answer the pause of an execution and print where it settled next."""
+    fields = _fields(pairs, body, "--output")
+    reply = _call(
+        nats_url,
+        lambda c: c.resume(
+            flow, execution_id, fields, idempotency_key=idempotency_key, pause=pause
+        ),
+    )
+    _print_reply(reply)
+
+
+@main.command()
+@click.argument("execution_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the state as JSON.")
+@nats_option
+def show(execution_id: str, as_json: bool, nats_url: str) -> None:
+    """Print the folded state of an execution."""
+    state = _call(nats_url, lambda c: c.get(execution_id))
+    if as_json:
+        click.echo(msgspec.json.encode(state))
+        return
+    table = Table(show_header=False, box=None)
+    for name, value in msgspec.structs.asdict(state).items():
+        if value not in (None, (), {}):
+            table.add_row(f"[bold]{name}[/]", _text(value))
+    out.print(table)
+
+
+@main.command()
+@click.argument("execution_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines, one event a line.")
+@nats_option
+def history(execution_id: str, as_json: bool, nats_url: str) -> None:
+    """Print the events of an execution."""
+    events = _call(nats_url, lambda c: c.history(execution_id))
+    if as_json:
+        for stored in events:
+            click.echo(msgspec.json.encode(stored))
+        return
+    table = Table(title=f"execution {execution_id}")
+    for column in ("version", "at", "type", "data"):
+        table.add_column(column)
+    for stored in events:
+        data = {k: v for k, v in msgspec.to_builtins(stored.event).items() if k != "type"}
+        table.add_row(
+            str(stored.version),
+            stored.at.isoformat(timespec="milliseconds"),
+            type(stored.event).__name__,
+            _text(data),
+        )
+    out.print(table)
+
+
+@main.command()
+@click.argument("flow", required=False)
+@click.option("--kind", help="Only this kind: started, paused, resumed, completed, failed, ...")
+@nats_option
+def watch(flow: str | None, kind: str | None, nats_url: str) -> None:
+    """Print notifications as they arrive, of one FLOW if given, until Ctrl-C."""
+
+    async def follow(client: Client) -> None:
+        err.print(f"watching {client.subjects.notifications(flow, kind)} (Ctrl-C to stop)")
+        async for note in client.notifications(flow, kind):
+            out.print(
+                f"{note.at.isoformat(timespec='milliseconds')} [bold]{note.kind}[/] "
+                f"{note.flow} {note.execution_id} v{note.version}"
+            )
+            if isinstance(note.resume_subject, str):
+                out.print(f"    inputs {_text(note.inputs)} awaits {_text(note.outputs)}")
+
+    try:
+        _call(nats_url, follow)
+    except KeyboardInterrupt:
+        pass
+
+
+def _fields(pairs: tuple[str, ...], body: str | None, option: str) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    if body is not None:
+        try:
+            fields = msgspec.json.decode(body)
+        except msgspec.DecodeError as error:
+            raise click.BadParameter(f"not valid JSON: {error}", param_hint="--json") from None
+        if not isinstance(fields, dict):
+            raise click.BadParameter("must be a JSON object, {...}", param_hint="--json")
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"'{pair}' is not K=V", param_hint=option)
+        try:
+            fields[name] = msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            fields[name] = raw
+    return fields
+
+
+def _call(nats_url: str, action: Callable[[Client], Awaitable[Any]]) -> Any:
+    async def run() -> Any:
+        async with await Client.connect(nats_url) as client:
+            return await action(client)
+
+    try:
+        return asyncio.run(run())
+    except EvflowError as error:
+        err.print(f"[red]error[/] {error.code}: {error.message}", highlight=False)
+        sys.exit(1)
+
+
+def _print_reply(reply: Settled) -> None:
+    out.print(
+        f"execution [bold]{reply.execution_id}[/] of flow '{reply.flow}' "
+        f"is [bold]{type(reply).__name__.lower()}[/] (version {reply.version})",
+        highlight=False,
+    )
+    if isinstance(reply, Paused):
+        out.print(f"  pause '{reply.pause}' shows {_text(reply.inputs)}")
+        out.print(f"  it awaits {_text(reply.output_schema.get('properties', {}))}")
+        outputs = " ".join(f"--output {name}=..." for name in reply.outputs)
+        out.print(
+            f"  resume with: evflow resume {reply.flow} {reply.execution_id} {outputs}",
+            highlight=False,
+        )
+    elif isinstance(reply, Completed):
+        out.print(f"  result {_text(reply.result)}")
+    elif isinstance(reply, Failed):
+        out.print(f"  error {reply.error.type}: {reply.error.message}")
+    elif isinstance(reply, Waiting):
+        out.print(f"  wakes at {reply.wake_at.isoformat()}")
+
+
+def _text(value: Any) -> str:
+    return msgspec.json.encode(value).decode()

