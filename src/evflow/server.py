@@ -12,6 +12,7 @@ import nats
 from nats.aio.client import Client as NATS
 
 from .engine import Engine
+from .errors import EvflowError
 from .flow import App
 from .notify import Notifier
 from .service import EvflowService
@@ -56,7 +57,7 @@ class Server:
         """Open the log, connect, drive on interrupted executions, then take commands."""
         spec = self._store_spec
         self.store = await open_store(spec) if isinstance(spec, str) else spec
-        self.nc = await nats.connect(self.nats_url, max_reconnect_attempts=-1)
+        self.nc = await self._connect()
         self._notifier = Notifier(self.nc, self.subjects)
         self._notifier.start()
         self.engine = Engine(self.app, self.store, self._clock, self._notifier)
@@ -67,6 +68,15 @@ class Server:
         self._service = EvflowService(self.nc, self.engine, self.subjects)
         await self._service.start()
         logger.info("listening on %s", self.nats_url)
+
+    async def _connect(self) -> NATS:
+        try:
+            return await nats.connect(self.nats_url, max_reconnect_attempts=-1, connect_timeout=5)
+        except Exception as error:
+            raise EvflowError(
+                f"cannot connect to NATS at {self.nats_url} ({error}); start a nats-server "
+                "there, or leave out --nats to run the embedded one"
+            ) from None
 
     async def stop(self) -> None:
         """Stop taking commands, finish those in flight, publish what is queued, close."""
