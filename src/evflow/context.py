@@ -134,7 +134,10 @@ class Context:
         resumed = recorded[1].event
         assert isinstance(resumed, ExecutionResumed)
         self._now = recorded[1].at
-        value = fields.reload(resumed.outputs, kind)
+        try:
+            value = fields.reload(resumed.outputs, kind, self.execution_id, f"outputs of {name}")
+        except NondeterminismError as error:
+            raise self._runner.fault(error) from None
         return value if isinstance(outputs, type) else msgspec.structs.asdict(value)
 
     def _next(self) -> int:

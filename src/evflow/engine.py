@@ -102,32 +102,32 @@ class Engine:
         if idempotency_key is not None:
             first = await self.store.find_command(resume_scope(execution_id, idempotency_key))
             if first is not None:
-                return await self._outcome_of(first)
+                return _of_flow(await self._outcome_of(first), flow_name, execution_id)
+
+        # Judge the command by the state it arrives at, not the state after the run in
+        # progress: a resume sent while the flow runs is refused, never queued to answer a
+        # pause its sender has not seen.
+        state = _of_flow(fold(await self.store.read(execution_id)), flow_name, execution_id)
+        _check_resumable(state, pause)
+        assert state.pause is not None
+        pause = state.pause.sequence
 
         async with self._exclusive(execution_id):
             history = await self.store.read(execution_id)
-            state = fold(history)
-            if state is None or state.flow != flow_name:
-                raise UnknownExecution(
-                    f"no execution {execution_id} of flow '{flow_name}'; check the execution ID "
-                    "and the flow name in the subject",
-                    execution_id=execution_id,
-                )
+            state = _of_flow(fold(history), flow_name, execution_id)
             _check_resumable(state, pause)
             flow = self._flow_for(state)
             try:
                 return await self._answer(flow, history, state, body, idempotency_key)
             except ConcurrencyError:
                 # Another process wrote first: say where the execution stands now.
-                assert state.pause is not None
-                sequence = pause if pause is not None else state.pause.sequence
-                _check_resumable(_settled(await self.store.read(execution_id)), sequence)
+                _check_resumable(_settled(await self.store.read(execution_id)), pause)
                 raise
             except DuplicateCommand:
                 pass
         first = await self.store.find_command(resume_scope(execution_id, idempotency_key or ""))
         assert first is not None, "a claimed idempotency scope must be found again"
-        return await self._outcome_of(first)
+        return _of_flow(await self._outcome_of(first), flow_name, execution_id)
 
     async def get(self, execution_id: str, at_version: int | None = None) -> ExecutionState:
         """The folded state of an execution."""
@@ -324,3 +324,14 @@ def _diverged(state: ExecutionState, outcome: object) -> NondeterminismError:
         execution_id=state.execution_id,
         sequence=state.pause.sequence,
     )
+
+
+def _of_flow(state: ExecutionState | None, flow_name: str, execution_id: str) -> ExecutionState:
+    """The state, if it is an execution of ``flow_name``: a subject names both, and both count."""
+    if state is None or state.flow != flow_name:
+        raise UnknownExecution(
+            f"no execution {execution_id} of flow '{flow_name}'; check the execution ID "
+            "and the flow name in the subject",
+            execution_id=execution_id,
+        )
+    return state

@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from .errors import InvalidInput, InvalidJson
+from .errors import InvalidInput, InvalidJson, NondeterminismError
 
 _PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 _NAMED = re.compile(r"(?:missing required|unknown) field `(?P<name>[^`]+)`")
@@ -154,6 +154,20 @@ def to_builtins(value: msgspec.Struct) -> dict[str, Any]:
     return msgspec.to_builtins(value)
 
 
-def reload(recorded: dict[str, Any], kind: type[msgspec.Struct]) -> msgspec.Struct:
-    """Decode a stored body again, so that live and replayed flows see identical values."""
-    return msgspec.json.decode(msgspec.json.encode(recorded), type=kind)
+def reload(
+    recorded: dict[str, Any], kind: type[msgspec.Struct], execution_id: str, what: str
+) -> msgspec.Struct:
+    """Decode a stored body again, so that live and replayed flows see identical values.
+
+    A recorded body the current code refuses means the code changed under the execution,
+    not that the flow failed: it is reported as non-determinism and the log is left as is.
+    """
+    try:
+        return msgspec.json.decode(msgspec.json.encode(recorded), type=kind)
+    except msgspec.ValidationError as error:
+        raise NondeterminismError(
+            f"execution {execution_id}: the recorded {what} no longer fit the flow code "
+            f"({error}); the flow code changed since the execution started: restore the old "
+            "code, or register the new code as a new flow version",
+            execution_id=execution_id,
+        ) from error

@@ -161,7 +161,7 @@ class Runner:
 
     async def _main(self) -> None:
         try:
-            kwargs = msgspec.structs.asdict(fields.reload(self._inputs.inputs, self.flow.inputs))
+            kwargs = self._reload_inputs()
             try:
                 result = await self.flow.fn(self._context, **kwargs)
             except (_Aborted, asyncio.CancelledError):
@@ -174,6 +174,17 @@ class Runner:
             pass
         finally:
             self._signal_once(Ended())
+
+    def _reload_inputs(self) -> dict[str, object]:
+        """The flow's arguments as recorded; inputs the code now refuses stop the runner."""
+        try:
+            inputs = fields.reload(
+                self._inputs.inputs, self.flow.inputs, self.execution_id, "inputs"
+            )
+        except NondeterminismError as error:
+            self.fault(error)
+            raise _Aborted from error
+        return msgspec.structs.asdict(inputs)
 
     def _end(self, event: Event) -> None:
         recorded = self._context.recorded_operations

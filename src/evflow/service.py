@@ -106,12 +106,20 @@ class EvflowService:
                 f"the engine failed while handling {request.subject}; the cause is in its log"
             )
         self._errors[endpoint] = self._errors.get(endpoint, 0) + 1
-        await self._respond_error(request, failure)
+        await self._respond_error(request, failure, self._named_execution(endpoint, request))
 
-    async def _respond_error(self, request: Request, error: EvflowError) -> None:
+    def _named_execution(self, endpoint: str, request: Request) -> str | None:
+        """The execution a command's subject names, if it names one (all but invoke do)."""
+        tokens = self._subjects.tokens(request.subject)
+        at = {"resume": 3, "get": 2, "history": 2}.get(endpoint)
+        return tokens[at] if at is not None and at < len(tokens) else None
+
+    async def _respond_error(self, request: Request, error: EvflowError, named: str | None) -> None:
+        """Reply with the error's body and the micro error headers; name the execution."""
         headers = {ERROR_HEADER: error.message, ERROR_CODE_HEADER: str(error.status)}
-        if error.execution_id is not None:
-            headers[EXECUTION_HEADER] = error.execution_id
+        execution_id = error.execution_id or named
+        if execution_id is not None:
+            headers[EXECUTION_HEADER] = execution_id
         body = encoder.encode(ErrorReply(error=error.to_body()))
         try:
             await request.respond(body, headers=headers)

@@ -60,6 +60,32 @@ def idempotency_scope(stored: StoredEvent) -> str | None:
     return None
 
 
+def check_append(execution_id: str, expected_version: int, events: Sequence[StoredEvent]) -> None:
+    """Refuse an append whose events do not all extend ``execution_id`` one version at a time.
+
+    Backends call this before touching their log, so a malformed append fails alone and
+    cannot slip events of another execution past the version check of this one.
+    """
+    from ..errors import StoreError
+
+    if not events:
+        raise StoreError(f"execution {execution_id}: an append needs at least one event")
+
+    for offset, item in enumerate(events, start=1):
+        if item.execution_id != execution_id:
+            raise StoreError(
+                f"an append to execution {execution_id} holds an event of execution "
+                f"{item.execution_id}; append each execution's events on their own",
+                execution_id=execution_id,
+            )
+        if item.version != expected_version + offset:
+            raise StoreError(
+                f"execution {execution_id}: event versions must follow {expected_version} "
+                f"without gaps, got {item.version}",
+                execution_id=execution_id,
+            )
+
+
 def invoke_scope(flow: str, key: str) -> str:
     """Idempotency scope of an invoke of ``flow`` with ``key``."""
     return f"invoke/{flow}/{key}"
@@ -88,6 +114,7 @@ async def open_store(url: str) -> EventStore:
 
 __all__ = [
     "EventStore",
+    "check_append",
     "idempotency_scope",
     "invoke_scope",
     "open_store",

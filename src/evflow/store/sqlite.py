@@ -21,7 +21,7 @@ import aiosqlite
 
 from ..errors import ConcurrencyError, DuplicateCommand, StoreError
 from ..events import SETTLING, StoredEvent, decode, encode
-from . import idempotency_scope
+from . import check_append, idempotency_scope
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +130,7 @@ class SqliteStore:
         """Durably append ``events`` after ``expected_version``; see ``EventStore``."""
         if self._writer is None:
             raise StoreError(f"the SQLite log at {self.path} is closed; open it before appending")
+        check_append(execution_id, expected_version, events)
         request = _Append(execution_id, expected_version, events)
         await self._queue.put(request)
         return await request.done
@@ -196,16 +197,7 @@ class SqliteStore:
                 version=current,
             )
 
-        stored = []
-        for offset, item in enumerate(request.events, start=1):
-            if item.version != request.expected_version + offset:
-                raise StoreError(
-                    f"execution {execution_id}: event versions must follow "
-                    f"{request.expected_version} without gaps, got {item.version}",
-                    execution_id=execution_id,
-                )
-            stored.append(await self._insert_one(db, item))
-        return stored
+        return [await self._insert_one(db, item) for item in request.events]
 
     async def _insert_one(self, db: aiosqlite.Connection, item: StoredEvent) -> StoredEvent:
         scope = idempotency_scope(item)
