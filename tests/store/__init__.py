@@ -1,0 +1,1 @@
+"""Store tests: one shared contract (``contract.py``) and one module per backend."""

@@ -1,0 +1,373 @@
+"""The contract every ``EventStore`` backend passes, whatever it keeps its log in.
+
+``StoreContract`` does not start with ``Test``, so pytest does not collect it on its own;
+each backend module subclasses it as ``Test<Backend>Store`` and says how to open a store.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from evflow.errors import ConcurrencyError, DuplicateCommand, EvflowError
+from evflow.events import (
+    Event,
+    ExecutionCompleted,
+    ExecutionPaused,
+    ExecutionResumed,
+    ExecutionStarted,
+    StepCompleted,
+    StoredEvent,
+    TimerStarted,
+)
+from evflow.store import EventStore, invoke_scope, resume_scope
+
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def stored(execution_id: str, version: int, event: Event) -> StoredEvent:
+    """An event ready to append at ``version``, stamped ``version`` seconds after T0."""
+    return StoredEvent(execution_id, version, T0 + timedelta(seconds=version), event)
+
+
+def start(execution_id: str, flow: str = "approval", key: str | None = None) -> StoredEvent:
+    """The ExecutionStarted of an execution, with an optional invoke idempotency key."""
+    return stored(execution_id, 1, ExecutionStarted(flow, {"amount": 5.0}, idempotency_key=key))
+
+
+def pause(execution_id: str, version: int, sequence: int = 1) -> StoredEvent:
+    """A pause asking for ``approved``."""
+    event = ExecutionPaused(sequence, "pause", {"n": sequence}, {"approved": "bool"}, {})
+    return stored(execution_id, version, event)
+
+
+def resume(
+    execution_id: str, version: int, sequence: int = 1, key: str | None = None
+) -> StoredEvent:
+    """The answer to pause ``sequence``, with an optional resume idempotency key."""
+    event = ExecutionResumed(sequence, {"approved": True}, idempotency_key=key)
+    return stored(execution_id, version, event)
+
+
+def step(execution_id: str, version: int, sequence: int, result: Any = None) -> StoredEvent:
+    """A completed step."""
+    return stored(execution_id, version, StepCompleted(sequence, f"step{sequence}", result))
+
+
+def shape(events: list[StoredEvent]) -> list[tuple[str, int, Event]]:
+    """What an event says and where it stands in its execution, without position or time."""
+    return [(e.execution_id, e.version, e.event) for e in events]
+
+
+class StoreContract(abc.ABC):
+    """Behaviour shared by every backend; subclasses implement ``open_store``."""
+
+    @abc.abstractmethod
+    async def open_store(self, where: Path) -> EventStore:
+        """Open (creating if needed) a store of this backend that keeps its data in ``where``.
+
+        Opening again on the same ``where`` after ``close`` must find the same log.
+        """
+
+    @pytest.fixture
+    async def store(self, tmp_path: Path) -> AsyncIterator[EventStore]:
+        """A fresh, open store; closed after the test."""
+        store = await self.open_store(tmp_path)
+        yield store
+        await store.close()
+
+    async def test_read_returns_appended_events_in_version_order(self, store: EventStore):
+        """Events read back in version order, with global positions that increase."""
+        first = await store.append("a", 0, [start("a"), pause("a", 2)])
+        second = await store.append("a", 2, [resume("a", 3), step("a", 4, 2, {"x": 1})])
+
+        events = await store.read("a")
+
+        assert shape(events) == shape([start("a"), pause("a", 2), resume("a", 3)]) + [
+            ("a", 4, StepCompleted(2, "step2", {"x": 1}))
+        ]
+        positions = [e.position for e in events]
+        assert positions == sorted(positions) and len(set(positions)) == 4
+        assert positions[0] > 0
+        assert [e.position for e in first + second] == positions
+
+    async def test_append_returns_events_as_stored(self, store: EventStore):
+        """append hands back what read later returns: same events, times and positions."""
+        appended = await store.append("a", 0, [start("a"), pause("a", 2)])
+
+        assert appended == await store.read("a")
+        assert [e.at for e in appended] == [T0 + timedelta(seconds=1), T0 + timedelta(seconds=2)]
+
+    async def test_read_stops_at_to_version(self, store: EventStore):
+        """read(to_version=n) returns versions 1..n only."""
+        await store.append("a", 0, [start("a"), pause("a", 2), resume("a", 3)])
+
+        assert [e.version for e in await store.read("a", to_version=2)] == [1, 2]
+        assert [e.version for e in await store.read("a", to_version=3)] == [1, 2, 3]
+
+    async def test_read_of_unknown_execution_is_empty(self, store: EventStore):
+        """An execution that was never appended to has no events."""
+        await store.append("a", 0, [start("a")])
+
+        assert await store.read("missing") == []
+
+    async def test_read_all_follows_global_order_after_a_position(self, store: EventStore):
+        """read_all interleaves executions in append order and starts after a position."""
+        await store.append("a", 0, [start("a")])
+        await store.append("b", 0, [start("b")])
+        await store.append("a", 1, [pause("a", 2)])
+
+        everything = await store.read_all()
+        after_first = await store.read_all(after_position=everything[0].position)
+
+        assert [(e.execution_id, e.version) for e in everything] == [("a", 1), ("b", 1), ("a", 2)]
+        assert after_first == everything[1:]
+        assert await store.read_all(after_position=everything[-1].position) == []
+
+    async def test_read_all_honours_the_limit(self, store: EventStore):
+        """read_all returns at most ``limit`` events, the oldest first, and pages on."""
+        for name in "abcde":
+            await store.append(name, 0, [start(name)])
+
+        page = await store.read_all(limit=2)
+        rest = await store.read_all(after_position=page[-1].position, limit=10)
+
+        assert [e.execution_id for e in page] == ["a", "b"]
+        assert [e.execution_id for e in rest] == ["c", "d", "e"]
+
+    async def test_wrong_expected_version_raises_and_appends_nothing(self, store: EventStore):
+        """An append expecting a stale version raises ConcurrencyError and writes nothing."""
+        await store.append("a", 0, [start("a"), pause("a", 2)])
+        before = await store.read_all()
+
+        with pytest.raises(ConcurrencyError) as info:
+            await store.append("a", 1, [stored("a", 2, ExecutionCompleted("late"))])
+
+        assert info.value.execution_id == "a"
+        assert await store.read_all() == before
+
+    async def test_expecting_a_future_version_raises(self, store: EventStore):
+        """An append expecting a version the execution has not reached is refused too."""
+        await store.append("a", 0, [start("a")])
+
+        with pytest.raises(ConcurrencyError):
+            await store.append("a", 3, [pause("a", 4)])
+
+        assert [e.version for e in await store.read("a")] == [1]
+
+    async def test_appending_a_first_event_twice_raises(self, store: EventStore):
+        """Two starts of one execution: the second finds version 1 taken."""
+        await store.append("a", 0, [start("a")])
+
+        with pytest.raises(ConcurrencyError):
+            await store.append("a", 0, [start("a")])
+
+        assert len(await store.read("a")) == 1
+
+    @pytest.mark.parametrize("versions", [(2,), (1, 3), (1, 1)])
+    async def test_version_gaps_are_rejected(self, store: EventStore, versions: tuple[int, ...]):
+        """Events whose versions do not follow the expected one without a gap are refused."""
+        events = [stored("a", v, ExecutionStarted("approval", {})) for v in versions]
+
+        with pytest.raises(EvflowError):
+            await store.append("a", 0, events)
+
+        assert await store.read_all() == []
+
+    async def test_events_of_another_execution_are_rejected(self, store: EventStore):
+        """An append for one execution cannot slip in events that name another one.
+
+        Otherwise the version check runs on one execution while the events land in another
+        whose version nobody checked.
+        """
+        await store.append("a", 0, [start("a")])
+
+        with pytest.raises(EvflowError):
+            await store.append("a", 1, [pause("b", 2)])
+
+        assert await store.read("b") == []
+        assert [e.version for e in await store.read("a")] == [1]
+
+    async def test_concurrent_appends_at_one_version_let_exactly_one_win(self, store: EventStore):
+        """Two writers expecting the same version: one lands, the other gets ConcurrencyError."""
+        await store.append("a", 0, [start("a")])
+        done = stored("a", 2, ExecutionCompleted("first"))
+        other = stored("a", 2, ExecutionCompleted("second"))
+
+        outcomes = await asyncio.gather(
+            store.append("a", 1, [done]), store.append("a", 1, [other]), return_exceptions=True
+        )
+
+        failures = [o for o in outcomes if isinstance(o, BaseException)]
+        assert len(failures) == 1 and isinstance(failures[0], ConcurrencyError)
+        winner = next(o for o in outcomes if not isinstance(o, BaseException))
+        events = await store.read("a")
+        assert len(events) == 2 and events[1:] == winner
+
+    async def test_invoke_key_claimed_twice_raises_duplicate(self, store: EventStore):
+        """A second start with the same flow and invoke key is refused; the first is found."""
+        await store.append("a", 0, [start("a", key="k1")])
+        before = await store.read_all()
+
+        with pytest.raises(DuplicateCommand):
+            await store.append("b", 0, [start("b", key="k1")])
+
+        assert await store.read_all() == before
+        first = await store.find_command(invoke_scope("approval", "k1"))
+        assert first is not None and first == before[0]
+
+    async def test_invoke_keys_are_scoped_to_their_flow(self, store: EventStore):
+        """The same invoke key on two different flows claims two different scopes."""
+        await store.append("a", 0, [start("a", flow="approval", key="k1")])
+        await store.append("b", 0, [start("b", flow="purchase", key="k1")])
+
+        found_a = await store.find_command(invoke_scope("approval", "k1"))
+        found_b = await store.find_command(invoke_scope("purchase", "k1"))
+        assert found_a is not None and found_a.execution_id == "a"
+        assert found_b is not None and found_b.execution_id == "b"
+
+    async def test_resume_key_claimed_twice_raises_duplicate(self, store: EventStore):
+        """A resume key used twice on one execution is refused and nothing is appended."""
+        await store.append("a", 0, [start("a"), pause("a", 2), resume("a", 3, key="r")])
+        await store.append("a", 3, [pause("a", 4, sequence=2)])
+        before = await store.read_all()
+
+        with pytest.raises(DuplicateCommand):
+            await store.append("a", 4, [resume("a", 5, sequence=2, key="r")])
+
+        assert await store.read_all() == before
+        first = await store.find_command(resume_scope("a", "r"))
+        assert first is not None and (first.version, first.event) == (3, before[2].event)
+
+    async def test_resume_keys_are_scoped_to_their_execution(self, store: EventStore):
+        """The same resume key on two executions does not collide."""
+        for name in "ab":
+            await store.append(name, 0, [start(name), pause(name, 2), resume(name, 3, key="r")])
+
+        found = [await store.find_command(resume_scope(name, "r")) for name in "ab"]
+        assert [f.execution_id for f in found if f is not None] == ["a", "b"]
+
+    async def test_a_duplicate_later_in_an_append_refuses_all_of_it(self, store: EventStore):
+        """An append whose last event reuses a key lands none of its events."""
+        await store.append("a", 0, [start("a"), pause("a", 2), resume("a", 3, key="r")])
+        await store.append("a", 3, [pause("a", 4, sequence=2)])
+
+        with pytest.raises(DuplicateCommand):
+            await store.append(
+                "a", 4, [resume("a", 5, sequence=2), pause("a", 6, 3), resume("a", 7, 3, "r")]
+            )
+
+        assert [e.version for e in await store.read("a")] == [1, 2, 3, 4]
+
+    async def test_find_command_of_an_unclaimed_scope_is_none(self, store: EventStore):
+        """An idempotency scope nobody claimed is not found."""
+        await store.append("a", 0, [start("a", key="k1")])
+
+        assert await store.find_command(invoke_scope("approval", "other")) is None
+        assert await store.find_command(resume_scope("a", "k1")) is None
+
+    async def test_unsettled_lists_executions_left_running(self, store: EventStore):
+        """unsettled names executions whose last event is not a settle point, oldest first."""
+        await store.append("started", 0, [start("started")])
+        await store.append("paused", 0, [start("paused"), pause("paused", 2)])
+        await store.append("resumed", 0, [start("resumed"), pause("resumed", 2)])
+        await store.append("resumed", 2, [resume("resumed", 3)])
+        await store.append("stepped", 0, [start("stepped"), step("stepped", 2, 1)])
+        await store.append("done", 0, [start("done"), stored("done", 2, ExecutionCompleted())])
+        timer = TimerStarted(1, T0 + timedelta(hours=1))
+        await store.append("waiting", 0, [start("waiting"), stored("waiting", 2, timer)])
+
+        assert await store.unsettled() == ["started", "resumed", "stepped"]
+
+    async def test_unsettled_is_empty_for_an_empty_log(self, store: EventStore):
+        """A new log has nothing to drive on."""
+        assert await store.unsettled() == []
+
+    async def test_data_survives_close_and_reopen(self, tmp_path: Path):
+        """A closed and reopened store holds the same events, keys and positions."""
+        store = await self.open_store(tmp_path)
+        await store.append("a", 0, [start("a", key="k1"), pause("a", 2)])
+        await store.append("b", 0, [start("b")])
+        before = await store.read_all()
+        await store.close()
+
+        reopened = await self.open_store(tmp_path)
+        try:
+            assert await reopened.read_all() == before
+            assert await reopened.find_command(invoke_scope("approval", "k1")) == before[0]
+            appended = await reopened.append("a", 2, [resume("a", 3)])
+            assert appended[0].position > before[-1].position
+        finally:
+            await reopened.close()
+
+    async def test_close_lets_queued_appends_finish(self, tmp_path: Path):
+        """Appends already submitted when close is called are durable after reopen."""
+        store = await self.open_store(tmp_path)
+        appends = [
+            asyncio.ensure_future(store.append(f"x{i}", 0, [start(f"x{i}")])) for i in range(20)
+        ]
+        await asyncio.sleep(0)
+        await store.close()
+        await asyncio.gather(*appends)
+
+        reopened = await self.open_store(tmp_path)
+        try:
+            assert len(await reopened.read_all()) == 20
+        finally:
+            await reopened.close()
+
+    async def test_many_concurrent_appends_all_land(self, store: EventStore):
+        """200 concurrent appends for different executions are all durable, one each."""
+        names = [f"x{i:03}" for i in range(200)]
+
+        results = await asyncio.gather(*(store.append(n, 0, [start(n)]) for n in names))
+
+        assert [r[0].execution_id for r in results] == names
+        everything = await store.read_all(limit=1000)
+        assert sorted(e.execution_id for e in everything) == names
+        assert len({e.position for e in everything}) == 200
+
+    async def test_one_clash_in_a_batch_does_not_undo_the_others(self, store: EventStore):
+        """Among concurrent appends, a version clash fails alone; the rest land."""
+        await store.append("clash", 0, [start("clash")])
+        names = [f"x{i:03}" for i in range(100)]
+        good = [store.append(n, 0, [start(n)]) for n in names]
+        bad = store.append("clash", 0, [start("clash")])
+
+        outcomes = await asyncio.gather(*good[:50], bad, *good[50:], return_exceptions=True)
+
+        assert isinstance(outcomes[50], ConcurrencyError)
+        assert not [o for o in outcomes[:50] + outcomes[51:] if isinstance(o, BaseException)]
+        assert len(await store.read_all(limit=1000)) == 101
+
+    async def test_one_duplicate_key_in_a_batch_does_not_undo_the_others(self, store: EventStore):
+        """Among concurrent appends, a reused idempotency key fails alone; the rest land."""
+        await store.append("first", 0, [start("first", key="k")])
+        names = [f"x{i:03}" for i in range(100)]
+        good = [store.append(n, 0, [start(n)]) for n in names]
+        bad = store.append("second", 0, [start("second", key="k")])
+
+        outcomes = await asyncio.gather(*good[:50], bad, *good[50:], return_exceptions=True)
+
+        assert isinstance(outcomes[50], DuplicateCommand)
+        assert not [o for o in outcomes[:50] + outcomes[51:] if isinstance(o, BaseException)]
+        assert await store.read("second") == []
+        assert len(await store.read_all(limit=1000)) == 101
+
+    async def test_a_malformed_append_in_a_batch_does_not_undo_the_others(self, store: EventStore):
+        """Among concurrent appends, one with a version gap fails alone; the rest land."""
+        names = [f"x{i:03}" for i in range(100)]
+        good = [store.append(n, 0, [start(n)]) for n in names]
+        gap = store.append("gap", 0, [stored("gap", 2, ExecutionStarted("approval", {}))])
+
+        outcomes = await asyncio.gather(*good[:50], gap, *good[50:], return_exceptions=True)
+
+        assert isinstance(outcomes[50], EvflowError)
+        assert not [o for o in outcomes[:50] + outcomes[51:] if isinstance(o, BaseException)]
+        assert len(await store.read_all(limit=1000)) == 100

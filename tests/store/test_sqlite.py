@@ -1,0 +1,122 @@
+"""The SQLite backend: the shared store contract, plus what only a SQLite file shows."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from evflow.errors import StoreError
+from evflow.store import open_store
+from evflow.store import sqlite as sqlite_backend
+from evflow.store.sqlite import SqliteStore
+
+from .contract import StoreContract, pause, start
+
+DB_NAME = "evflow.db"
+
+
+class TestSqliteStore(StoreContract):
+    """The contract on a real SQLite file in the test's temp folder."""
+
+    async def open_store(self, where: Path) -> SqliteStore:
+        store = SqliteStore(where / DB_NAME)
+        await store.open()
+        return store
+
+    async def test_data_column_is_plain_json_with_a_type_tag(self, store: SqliteStore):
+        """sqlite3 and json alone read an audit trail: data is JSON tagged with its type."""
+        await store.append("a", 0, [start("a", key="k1"), pause("a", 2)])
+
+        with sqlite3.connect(store.path) as db:
+            rows = db.execute(
+                "SELECT execution_id, version, type, data FROM events ORDER BY position"
+            ).fetchall()
+        db.close()
+
+        decoded = [(e, v, t, json.loads(d)) for e, v, t, d in rows]
+        assert [(e, v, t, d["type"]) for e, v, t, d in decoded] == [
+            ("a", 1, "ExecutionStarted", "ExecutionStarted"),
+            ("a", 2, "ExecutionPaused", "ExecutionPaused"),
+        ]
+        assert decoded[0][3]["flow"] == "approval"
+        assert decoded[0][3]["idempotency_key"] == "k1"
+        assert decoded[1][3]["outputs"] == {"approved": "bool"}
+
+    async def test_log_is_in_wal_mode(self, store: SqliteStore):
+        """The file is in WAL mode, so reads run beside the writer."""
+        with sqlite3.connect(store.path) as db:
+            (mode,) = db.execute("PRAGMA journal_mode").fetchone()
+        db.close()
+
+        assert mode == "wal"
+
+    async def test_schema_version_records_the_applied_migrations(self, tmp_path: Path):
+        """A new file gets a schema_version table holding the number of migrations applied."""
+        store = await self.open_store(tmp_path)
+        await store.close()
+
+        assert _schema_versions(tmp_path / DB_NAME) == [len(sqlite_backend.MIGRATIONS)]
+
+    async def test_reopen_applies_only_new_migrations(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ):
+        """Reopening skips applied migrations and runs only the ones added since."""
+        store = await self.open_store(tmp_path)
+        await store.append("a", 0, [start("a")])
+        await store.close()
+        added = (*sqlite_backend.MIGRATIONS, "CREATE TABLE added_later (x INTEGER)")
+        monkeypatch.setattr(sqlite_backend, "MIGRATIONS", added)
+
+        for _ in range(2):  # a re-run of any migration would fail: its tables exist
+            store = await self.open_store(tmp_path)
+            events = await store.read("a")
+            await store.close()
+
+        assert [e.version for e in events] == [1]
+        assert _schema_versions(tmp_path / DB_NAME) == [len(added)]
+        assert _tables(tmp_path / DB_NAME) >= {"events", "schema_version", "added_later"}
+
+    async def test_append_to_a_closed_store_raises_store_error(self, tmp_path: Path):
+        """A closed log refuses appends with a StoreError naming the file."""
+        store = await self.open_store(tmp_path)
+        await store.close()
+
+        with pytest.raises(StoreError) as info:
+            await store.append("a", 0, [start("a")])
+
+        assert str(tmp_path / DB_NAME) in info.value.message
+
+    async def test_open_store_url_opens_the_sqlite_file(self, tmp_path: Path):
+        """open_store('sqlite:///PATH') opens a SqliteStore on PATH."""
+        store = await open_store(f"sqlite:///{tmp_path / 'by-url.db'}")
+        try:
+            await store.append("a", 0, [start("a")])
+            assert [e.version for e in await store.read("a")] == [1]
+        finally:
+            await store.close()
+
+        assert (tmp_path / "by-url.db").exists()
+
+    async def test_open_store_refuses_other_urls(self):
+        """A URL of an unsupported backend is refused with a StoreError saying what works."""
+        with pytest.raises(StoreError) as info:
+            await open_store("postgres://localhost/evflow")
+
+        assert "sqlite:///" in info.value.message
+
+
+def _schema_versions(path: Path) -> list[int]:
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT version FROM schema_version").fetchall()
+    db.close()
+    return [row[0] for row in rows]
+
+
+def _tables(path: Path) -> set[str]:
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    db.close()
+    return {row[0] for row in rows}
