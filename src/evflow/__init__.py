@@ -19,6 +19,7 @@ from .errors import (
     NondeterminismError,
     NotPaused,
     StepError,
+    Unavailable,
     UnknownExecution,
     UnknownFlow,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "NotPaused",
     "Status",
     "StepError",
+    "Unavailable",
     "UnknownExecution",
     "UnknownFlow",
     "__version__",

@@ -10,13 +10,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
-import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
-from .errors import EvflowError, from_body
+from .connection import connect
+from .errors import EvflowError, Unavailable, from_body
 from .events import StoredEvent
 from .messages import (
     Notification,
@@ -50,15 +50,16 @@ class Client:
         self._owns_connection = False
 
     @classmethod
-    async def connect(cls, url: str = DEFAULT_URL, **kwargs: Any) -> Client:
-        """Connect to NATS at ``url`` and return a client that closes the connection."""
-        try:
-            nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=3)
-        except Exception as error:
-            raise EvflowError(
-                f"cannot connect to NATS at {url} ({error}); start the engine with "
-                "'evflow serve' or pass the right --nats URL"
-            ) from None
+    async def connect(
+        cls, url: str = DEFAULT_URL, *, connect_timeout: float = 2.0, **kwargs: Any
+    ) -> Client:
+        """Connect to NATS at ``url`` and return a client that closes the connection.
+
+        The first connection must succeed within ``connect_timeout`` seconds; after that,
+        a lost connection is retried without limit.
+        """
+        hint = "start the engine with 'evflow serve' or pass the right --nats URL"
+        nc = await connect(url, timeout=connect_timeout, hint=hint, name="evflow-client")
         client = cls(nc, **kwargs)
         client._owns_connection = True
         return client
@@ -127,11 +128,11 @@ class Client:
         try:
             msg = await self.nc.request(subject, body, timeout=self.timeout, headers=headers)
         except NoRespondersError:
-            raise EvflowError(
+            raise Unavailable(
                 f"no evflow engine answers on {subject}; start one with 'evflow serve'"
             ) from None
         except NatsTimeout:
-            raise EvflowError(
+            raise Unavailable(
                 f"no reply on {subject} within {self.timeout:g} s; the engine may be "
                 "overloaded or stopped"
             ) from None

@@ -15,6 +15,7 @@ The tree::
     ├── ConcurrencyError            500 concurrency: another writer appended first
     ├── StoreError                  500 store: the log cannot be read or written
     ├── InternalError               500 internal: anything unexpected (details are logged)
+    ├── Unavailable                 503 unavailable: NATS or the engine cannot be reached
     └── StepError                   raised inside a flow when a step's function failed
 
 The same classes travel over the wire: the service encodes one as an error reply and the
@@ -153,6 +154,13 @@ class InternalError(EvflowError):
     code = "internal"
 
 
+class Unavailable(EvflowError):
+    """NATS cannot be reached, or no engine answers on the subject in time."""
+
+    status = 503
+    code = "unavailable"
+
+
 class StepError(EvflowError):
     """Raised inside a flow when a step's function raised.
 
@@ -184,6 +192,7 @@ _BY_CODE: dict[str, type[EvflowError]] = {
         ConcurrencyError,
         StoreError,
         InternalError,
+        Unavailable,
     )
 }
 

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import logging
 
-import nats
 from nats.aio.client import Client as NATS
 
+from .connection import connect
 from .engine import Engine
-from .errors import EvflowError
 from .flow import App
 from .notify import Notifier
 from .service import EvflowService
@@ -67,16 +66,12 @@ class Server:
 
         self._service = EvflowService(self.nc, self.engine, self.subjects)
         await self._service.start()
+        await self.nc.flush()  # the server knows our subscriptions before we say we listen
         logger.info("listening on %s", self.nats_url)
 
     async def _connect(self) -> NATS:
-        try:
-            return await nats.connect(self.nats_url, max_reconnect_attempts=-1, connect_timeout=5)
-        except Exception as error:
-            raise EvflowError(
-                f"cannot connect to NATS at {self.nats_url} ({error}); start a nats-server "
-                "there, or leave out --nats to run the embedded one"
-            ) from None
+        hint = "start a nats-server there, or leave out --nats to run the embedded one"
+        return await connect(self.nats_url, timeout=5, hint=hint, name="evflow-engine")
 
     async def stop(self) -> None:
         """Stop taking commands, finish those in flight, publish what is queued, close."""

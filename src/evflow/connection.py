@@ -1,0 +1,70 @@
+"""Connecting to NATS: a bounded first attempt, then reconnects that are logged, not raised.
+
+nats-py retries a first connection forever when reconnects are unlimited and logs each
+failure with a traceback. The engine and the client both want the opposite at start-up:
+fail within a bound, naming the URL, so a wrong ``--nats`` is a one-line error. Once
+connected, losing the server is a recoverable fault: nats-py reconnects and we log it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import nats
+from nats.aio.client import Client as NATS
+
+from .errors import Unavailable
+
+logger = logging.getLogger(__name__)
+
+
+class _Watch:
+    """Remembers the latest connection error and logs faults once connected."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.nc: NATS | None = None
+        self.last_error: BaseException | None = None
+
+    async def error(self, error: Exception) -> None:
+        self.last_error = error
+        if self.nc is not None:
+            logger.warning("NATS connection to %s: %s", self.url, error or type(error).__name__)
+        else:
+            logger.debug("connecting to NATS at %s failed: %s", self.url, error)
+
+    async def disconnected(self) -> None:
+        if self.nc is not None and not self.nc.is_closed:  # closed: we hung up ourselves
+            logger.warning("disconnected from NATS at %s; reconnecting", self.url)
+
+    async def reconnected(self) -> None:
+        logger.info("reconnected to NATS at %s", self.url)
+
+
+async def connect(url: str, *, timeout: float, hint: str, name: str = "evflow") -> NATS:
+    """Connect to ``url`` within ``timeout`` seconds, or raise an error naming it.
+
+    Once connected, the connection reconnects without limit. ``hint`` ends the error
+    message with what the user should do.
+    """
+    watch = _Watch(url)
+    try:
+        nc = await asyncio.wait_for(
+            nats.connect(
+                url,
+                name=name,
+                connect_timeout=timeout,
+                max_reconnect_attempts=-1,
+                error_cb=watch.error,
+                disconnected_cb=watch.disconnected,
+                reconnected_cb=watch.reconnected,
+            ),
+            timeout,
+        )
+    except Exception as error:
+        cause = watch.last_error or error
+        reason = str(cause) or type(cause).__name__
+        raise Unavailable(f"cannot connect to NATS at {url} ({reason}); {hint}") from None
+    watch.nc = nc
+    return nc
