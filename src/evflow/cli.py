@@ -28,8 +28,8 @@ from .nats_server import NatsServer
 from .server import Server
 
 logger = logging.getLogger("evflow.cli")
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)  # replies are read by programs too: never break a line
+err = Console(stderr=True, soft_wrap=True)
 
 DEFAULT_STORE = "sqlite:///.evflow/evflow.db"
 nats_option = click.option(
@@ -206,7 +206,7 @@ def show(execution_id: str, as_json: bool, nats_url: str) -> None:
     table = Table(show_header=False, box=None)
     for name, value in msgspec.structs.asdict(state).items():
         if value not in (None, (), {}):
-            table.add_row(f"[bold]{name}[/]", _text(value))
+            table.add_row(f"[bold]{name}[/]", value if isinstance(value, str) else _text(value))
     out.print(table)
 
 

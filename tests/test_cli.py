@@ -1,0 +1,578 @@
+"""The ``evflow`` command as a user runs it: real processes against a real nats-server.
+
+Each test starts ``evflow serve`` as a child process in its own session (so teardown also
+stops an embedded nats-server it started), talks to it with more ``evflow`` processes, and
+bounds every wait. Output is read as a program reads it, not from a terminal; ``COLUMNS``
+is set wide so rich does not wrap lines at its 80-column default, except in the one test
+that checks output read by a program at that default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from evflow.nats_server import NatsServer
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = "examples.flows:app"
+READY = "try it: evflow invoke approval --input amount=... --input requester=..."
+"""The last line ``evflow serve`` logs once it takes commands."""
+
+BOUND = 20.0
+"""Seconds to wait for a process to print or exit when it must."""
+
+SETTLED = re.compile(
+    r"^execution (?P<id>\S+) of flow '(?P<flow>\w+)' is (?P<status>\w+) "
+    r"\(version (?P<version>\d+)\)$"
+)
+
+
+def evflow_command() -> list[str]:
+    """The ``evflow`` console script of the Python running the tests.
+
+    ``python -m evflow.cli`` does nothing (the module has no ``__main__`` guard), so the
+    fallback calls ``main`` explicitly.
+    """
+    script = shutil.which("evflow", path=str(Path(sys.executable).parent))
+    if script:
+        return [script]
+    return [sys.executable, "-c", "from evflow.cli import main; main()"]
+
+
+EVFLOW = evflow_command()
+
+
+def cli_env(**overrides: str | None) -> dict[str, str]:
+    """This environment without ``EVFLOW_*`` or forced colours, output 200 columns wide."""
+    dropped = ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("EVFLOW_") and key not in dropped
+    }
+    env.update(COLUMNS="200", PYTHONIOENCODING="utf-8")
+    for key, value in overrides.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+def sqlite_url(path: Path) -> str:
+    """The ``--store`` URL of an SQLite file."""
+    return f"sqlite:///{path}"
+
+
+def port_is_free(port: int) -> bool:
+    """Whether a server could listen on 127.0.0.1:``port`` (as nats-server binds it)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def unused_port() -> int:
+    """A loopback port nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Result:
+    """A finished ``evflow`` command."""
+
+    args: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def lines(self) -> list[str]:
+        """The lines of stdout."""
+        return self.stdout.splitlines()
+
+    def settled(self) -> re.Match[str]:
+        """The first line of an invoke or resume reply, parsed; fails the test otherwise."""
+        assert self.returncode == 0, self
+        match = SETTLED.match(self.lines[0]) if self.lines else None
+        assert match, f"not a settle point: {self.stdout!r}"
+        return match
+
+
+async def evflow(*args: str, env: dict[str, str] | None = None) -> Result:
+    """Run ``evflow ARGS`` to its end (at most ``BOUND`` seconds) and capture its output."""
+    process = await asyncio.create_subprocess_exec(
+        *EVFLOW,
+        *args,
+        cwd=ROOT,
+        env=env or cli_env(),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), BOUND)
+    except TimeoutError:
+        process.kill()
+        out, err = await process.communicate()
+        pytest.fail(f"evflow {' '.join(args)} still ran after {BOUND:g} s:\n{err.decode()}")
+    assert process.returncode is not None
+    return Result(args, process.returncode, out.decode(), err.decode())
+
+
+class Child:
+    """A long-running ``evflow`` process (serve, watch) with its output in two files."""
+
+    def __init__(self, process: asyncio.subprocess.Process, out: Path, err: Path):
+        self.process = process
+        self.out = out
+        self.err = err
+
+    @property
+    def stdout(self) -> str:
+        """What it printed on stdout so far."""
+        return self.out.read_text(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        """What it printed (or logged) on stderr so far."""
+        return self.err.read_text(errors="replace")
+
+    async def wait_for(self, text: str, *, stream: str = "stderr") -> None:
+        """Wait until ``text`` shows up in ``stream``; fail if it exits or time runs out."""
+        deadline = asyncio.get_running_loop().time() + BOUND
+        while text not in getattr(self, stream):
+            if self.process.returncode is not None:
+                pytest.fail(f"exited with {self.process.returncode} before {text!r}:\n{self}")
+            if asyncio.get_running_loop().time() > deadline:
+                pytest.fail(f"no {text!r} on {stream} within {BOUND:g} s:\n{self}")
+            await asyncio.sleep(0.05)
+
+    async def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
+        """Send ``sig`` and return the exit code; fail if it does not exit in time."""
+        self.process.send_signal(sig)
+        try:
+            return await asyncio.wait_for(self.process.wait(), BOUND)
+        except TimeoutError:
+            pytest.fail(f"still running {BOUND:g} s after {sig.name}:\n{self}")
+
+    async def kill(self) -> int:
+        """SIGKILL it and whatever it started, as a crash would."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        return await self.process.wait()
+
+    async def close(self) -> None:
+        """Teardown: stop it if it still runs, and kill any child it left behind."""
+        if self.process.returncode is None:
+            self.process.terminate()
+            try:
+                await asyncio.wait_for(self.process.wait(), 10)
+            except TimeoutError:
+                pass
+        if self.process.returncode != 0:
+            with suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        await self.process.wait()
+
+    def __str__(self) -> str:
+        return f"--- stdout\n{self.stdout[-3000:]}\n--- stderr\n{self.stderr[-3000:]}"
+
+
+Spawn = Callable[..., Awaitable[Child]]
+
+
+@pytest.fixture
+async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
+    """Starts ``evflow ARGS`` in the background; every process is stopped at teardown."""
+    children: list[Child] = []
+
+    async def start(*args: str, env: dict[str, str] | None = None) -> Child:
+        out, err = (tmp_path / f"{args[0]}-{len(children)}.{name}" for name in ("out", "err"))
+        with out.open("wb") as out_file, err.open("wb") as err_file:
+            process = await asyncio.create_subprocess_exec(
+                *EVFLOW,
+                *args,
+                cwd=ROOT,
+                env=env or cli_env(),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out_file,
+                stderr=err_file,
+                start_new_session=True,
+            )
+        children.append(Child(process, out, err))
+        return children[-1]
+
+    yield start
+    for child in reversed(children):
+        await child.close()
+
+
+@pytest.fixture
+async def serve(nats_server: NatsServer, spawn: Spawn, tmp_path: Path) -> Child:
+    """``evflow serve`` of the example flows on the test's nats-server, ready for commands."""
+    store = sqlite_url(tmp_path / "evflow.db")
+    child = await spawn("serve", "--app", APP, "--nats", nats_server.url, "--store", store)
+    await child.wait_for(READY)
+    return child
+
+
+async def invoke_approval(url: str) -> str:
+    """Invoke the approval flow; returns the ID of the paused execution."""
+    reply = await evflow(
+        "invoke", "approval", "--input", "amount=120", "--input", "requester=ann", "--nats", url
+    )
+    assert reply.settled()["status"] == "paused"
+    return reply.settled()["id"]
+
+
+async def complete_approval(url: str) -> str:
+    """Invoke the approval flow and resume it; returns the ID of the completed execution."""
+    execution_id = await invoke_approval(url)
+    yes = ("--output", "approved=true", "--output", "note=ok")
+    reply = await evflow("resume", "approval", execution_id, *yes, "--nats", url)
+    assert reply.settled()["status"] == "completed"
+    return execution_id
+
+
+def assert_refused(result: Result, status: int, *words: str) -> None:
+    """A refusal: exit ``status``, nothing on stdout, ``words`` on stderr, no traceback."""
+    assert result.returncode == status, result
+    assert result.stdout == ""
+    for word in words:
+        assert word in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# serve, invoke, resume, show, history, watch
+
+
+async def test_serve_logs_its_flows_and_how_to_try_them(
+    nats_server: NatsServer, serve: Child, tmp_path: Path
+) -> None:
+    """The start-up log names each flow's invoke subject, the NATS URL and a command to try."""
+    log = serve.stderr
+
+    assert f"opened the SQLite log at {tmp_path / 'evflow.db'}" in log
+    assert f"listening on {nats_server.url}" in log
+    assert "serving flow 'approval' on evflow.flo.approval.invoke" in log
+    assert "serving flow 'purchase' on evflow.flo.purchase.invoke" in log
+    assert READY in log
+    assert "Traceback" not in log
+
+
+async def test_invoke_prints_the_pause_and_how_to_resume(
+    nats_server: NatsServer, serve: Child
+) -> None:
+    """``invoke`` prints the execution ID, the pause's inputs and outputs, the resume command."""
+    result = await evflow(
+        "invoke", "approval", "--input", "amount=120", "--input", "requester=ann",
+        "--nats", nats_server.url,
+    )  # fmt: skip
+
+    execution_id = result.settled()["id"]
+    assert result.returncode == 0
+    assert result.lines == [
+        f"execution {execution_id} of flow 'approval' is paused (version 2)",
+        """  pause 'pause' shows {"amount":120.0,"requester":"ann"}""",
+        """  it awaits {"approved":{"type":"boolean"},"note":{"type":"string"}}""",
+        f"  resume with: evflow resume approval {execution_id} "
+        "--output approved=... --output note=...",
+    ]
+    assert result.stderr == ""
+
+
+async def test_resume_prints_the_completion(nats_server: NatsServer, serve: Child) -> None:
+    """``resume`` with the pause's outputs prints the completed execution and its result."""
+    execution_id = await invoke_approval(nats_server.url)
+
+    result = await evflow(
+        "resume", "approval", execution_id, "--output", "approved=true", "--output", "note=ok",
+        "--nats", nats_server.url,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result
+    assert result.lines == [
+        f"execution {execution_id} of flow 'approval' is completed (version 4)",
+        """  result {"approved":true,"note":"ok"}""",
+    ]
+
+
+async def test_show_prints_the_folded_state_as_a_table_and_as_json(
+    nats_server: NatsServer, serve: Child
+) -> None:
+    """``show`` prints one row per non-empty field; ``show --json`` the state as JSON."""
+    execution_id = await complete_approval(nats_server.url)
+
+    table = await evflow("show", execution_id, "--nats", nats_server.url)
+    as_json = await evflow("show", execution_id, "--json", "--nats", nats_server.url)
+
+    assert table.returncode == 0, table
+    rows = dict(line.strip().split(maxsplit=1) for line in table.lines if line.strip())
+    assert rows["execution_id"] == execution_id
+    assert rows["flow"] == "approval"
+    assert rows["status"] == "completed"
+    assert rows["version"] == "4"
+    assert rows["inputs"] == '{"amount":120.0,"requester":"ann"}'
+    assert rows["result"] == '{"approved":true,"note":"ok"}'
+    assert as_json.returncode == 0, as_json
+    state = json.loads(as_json.stdout)
+    assert (state["execution_id"], state["flow"]) == (execution_id, "approval")
+    assert (state["status"], state["version"]) == ("completed", 4)
+    assert state["inputs"] == {"amount": 120.0, "requester": "ann"}
+    assert state["result"] == {"approved": True, "note": "ok"}
+
+
+async def test_history_prints_the_events_as_a_table_and_as_json_lines(
+    nats_server: NatsServer, serve: Child
+) -> None:
+    """``history`` prints one row per event; ``history --json`` one JSON event a line."""
+    execution_id = await complete_approval(nats_server.url)
+    kinds = ["ExecutionStarted", "ExecutionPaused", "ExecutionResumed", "ExecutionCompleted"]
+
+    table = await evflow("history", execution_id, "--nats", nats_server.url)
+    lines = await evflow("history", execution_id, "--json", "--nats", nats_server.url)
+
+    assert table.returncode == 0, table
+    assert f"execution {execution_id}" in table.lines[0]
+    cells = [[cell.strip() for cell in line.split("│")[1:-1]] for line in table.lines]
+    rows = [(row[0], row[2]) for row in cells if row and row[0].isdigit()]
+    assert rows == [(str(version), kind) for version, kind in enumerate(kinds, 1)]
+    assert lines.returncode == 0, lines
+    events = [json.loads(line) for line in lines.lines]
+    assert [event["version"] for event in events] == [1, 2, 3, 4]
+    assert [event["event"]["type"] for event in events] == kinds
+    assert {event["execution_id"] for event in events} == {execution_id}
+    assert events[0]["event"]["inputs"] == {"amount": 120.0, "requester": "ann"}
+    assert events[2]["event"]["outputs"] == {"approved": True, "note": "ok"}
+
+
+async def test_watch_prints_notifications_of_new_executions(
+    nats_server: NatsServer, serve: Child, spawn: Spawn
+) -> None:
+    """``watch approval`` prints a line per notification, and what a pause shows and awaits."""
+    watch = await spawn("watch", "approval", "--nats", nats_server.url)
+    await watch.wait_for("watching evflow.events.approval.*.* (Ctrl-C to stop)")
+
+    execution_id = await complete_approval(nats_server.url)
+    await watch.wait_for(f"completed approval {execution_id} v4", stream="stdout")
+    code = await watch.stop(signal.SIGTERM)
+
+    assert code == -signal.SIGTERM
+    lines = watch.stdout.splitlines()
+    notes = [line.split()[1:] for line in lines if not line.startswith(" ")]
+    assert notes == [
+        [kind, "approval", execution_id, f"v{version}"]
+        for version, kind in enumerate(["started", "paused", "resumed", "completed"], 1)
+    ]
+    assert (
+        lines[2] == """    inputs {"amount":120.0,"requester":"ann"} awaits ["approved","note"]"""
+    )
+
+
+# refusals
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "words"),
+    [
+        (
+            ["invoke", "nope", "--input", "amount=1"],
+            1,
+            ["error unknown_flow:", "'nope'", "known flows: approval, purchase"],
+        ),
+        (
+            ["invoke", "approval", "--input", "amount=120"],
+            1,
+            ["error invalid_input:", "requester"],
+        ),
+        (["show", "no-such-id"], 1, ["error unknown_execution:", "no-such-id"]),
+        (["invoke", "approval", "--json", "[1]"], 2, ["--json", "must be a JSON object"]),
+    ],
+    ids=["unknown-flow", "missing-field", "show-unknown-id", "json-not-an-object"],
+)
+async def test_a_refused_command_prints_why_and_exits_non_zero(
+    nats_server: NatsServer, serve: Child, args: list[str], status: int, words: list[str]
+) -> None:
+    """Error replies exit 1 with their code and message; a bad ``--json`` is a usage error."""
+    result = await evflow(*args, "--nats", nats_server.url)
+
+    assert_refused(result, status, *words)
+
+
+async def test_resume_with_a_wrong_type_names_the_field(
+    nats_server: NatsServer, serve: Child
+) -> None:
+    """A resume whose ``approved`` is text is refused naming the field and its type."""
+    execution_id = await invoke_approval(nats_server.url)
+
+    result = await evflow(
+        "resume", "approval", execution_id, "--output", "approved=yes", "--output", "note=ok",
+        "--nats", nats_server.url,
+    )  # fmt: skip
+
+    assert_refused(result, 1, "error invalid_input:", "'approved'", "bool", execution_id)
+
+
+async def test_resume_of_a_completed_execution_is_refused_as_finished(
+    nats_server: NatsServer, serve: Child
+) -> None:
+    """A second resume gets the 409 ``finished`` reply, naming the execution and its status."""
+    execution_id = await complete_approval(nats_server.url)
+
+    result = await evflow(
+        "resume", "approval", execution_id, "--output", "approved=true", "--output", "note=ok",
+        "--nats", nats_server.url,
+    )  # fmt: skip
+
+    assert_refused(result, 1, "error finished:", execution_id, "completed")
+
+
+# configuration
+
+
+async def test_environment_variables_replace_the_flags(
+    nats_server: NatsServer, spawn: Spawn, tmp_path: Path
+) -> None:
+    """``EVFLOW_NATS_URL`` and ``EVFLOW_STORE`` do what ``--nats`` and ``--store`` do."""
+    store = tmp_path / "from-env" / "log.db"
+    store.parent.mkdir()
+    env = cli_env(EVFLOW_NATS_URL=nats_server.url, EVFLOW_STORE=sqlite_url(store))
+
+    serve = await spawn("serve", "--app", APP, env=env)
+    await serve.wait_for(READY)
+    reply = await evflow("invoke", "approval", "--json", '{"amount": 5, "requester": "e"}', env=env)
+    history = await evflow("history", reply.settled()["id"], "--json", env=env)
+
+    assert f"opened the SQLite log at {store}" in serve.stderr
+    assert f"listening on {nats_server.url}" in serve.stderr
+    assert "embedded nats-server" not in serve.stderr
+    assert store.is_file()
+    assert reply.settled()["status"] == "paused"
+    assert history.returncode == 0, history
+    assert len(history.lines) == 2
+
+
+@pytest.mark.slow
+async def test_a_killed_serve_resumes_its_paused_execution_after_a_restart(
+    nats_server: NatsServer, spawn: Spawn, tmp_path: Path
+) -> None:
+    """SIGKILL after a pause loses nothing: a new serve on the same log finishes the flow."""
+    url = nats_server.url
+    args = ("serve", "--app", APP, "--nats", url, "--store", sqlite_url(tmp_path / "log.db"))
+    first = await spawn(*args)
+    await first.wait_for(READY)
+
+    # pause at the manager, answer it, pause at finance, then crash
+    invoked = await evflow(
+        "invoke", "purchase", "-i", "item=desk", "-i", "amount=300", "--nats", url
+    )
+    execution_id = invoked.settled()["id"]
+    manager = ("-o", "approved=true", "-o", "manager=bob")
+    finance_pause = await evflow("resume", "purchase", execution_id, *manager, "--nats", url)
+    assert finance_pause.settled()["version"] == "4"
+    assert await first.kill() == -signal.SIGKILL
+
+    # a new serve on the same log answers the finance pause
+    second = await spawn(*args)
+    await second.wait_for(READY)
+    finance = ("-o", "approved=true", "-o", "cost_center=cc-7")
+    done = await evflow("resume", "purchase", execution_id, *finance, "--nats", url)
+    history = await evflow("history", execution_id, "--json", "--nats", url)
+
+    assert done.settled()["status"] == "completed"
+    result = json.loads(done.lines[1].removeprefix("  result "))
+    assert (result["status"], result["cost_center"]) == ("ordered", "cc-7")
+    assert result["reservation"] == "budget-desk-300.00"
+    events = [json.loads(line) for line in history.lines]
+    versions = [event["version"] for event in events]
+    assert versions == list(range(1, int(done.settled()["version"]) + 1))
+    assert [event["event"]["type"] for event in events] == [
+        "ExecutionStarted", "ExecutionPaused", "ExecutionResumed", "ExecutionPaused",
+        "ExecutionResumed", "StepCompleted", "ExecutionCompleted",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_serve_without_nats_runs_an_embedded_server_and_stops_it(
+    spawn: Spawn, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """Without ``--nats``, serve runs nats-server on 127.0.0.1:4222, data beside the log."""
+    if not port_is_free(4222):
+        pytest.skip("127.0.0.1:4222 is taken by another process; the embedded server needs it")
+    store = tmp_path / "state" / "evflow.db"
+
+    serve = await spawn("serve", "--app", APP, "--store", sqlite_url(store))
+    await serve.wait_for(READY)
+    reply = await evflow("invoke", "approval", "-i", "amount=1", "-i", "requester=x")
+    code = await serve.stop(sig)
+
+    data = store.parent / "nats"
+    assert f"embedded nats-server ready on nats://127.0.0.1:4222 (data in {data})" in serve.stderr
+    assert (data / "jetstream").is_dir()
+    assert reply.settled()["status"] == "paused"
+    assert code == 0, serve
+    assert "embedded nats-server stopped" in serve.stderr
+    assert "Traceback" not in serve.stderr
+    assert port_is_free(4222), "the embedded nats-server still listens after serve exited"
+
+
+@pytest.mark.slow
+async def test_serve_with_an_unreachable_nats_exits_naming_the_url(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    """``serve --nats URL`` with nothing at URL exits 1 with a message naming it, no traceback."""
+    url = f"nats://127.0.0.1:{unused_port()}"
+
+    serve = await spawn("serve", "--app", APP, "--nats", url, "--store", sqlite_url(tmp_path / "x"))
+    try:
+        code = await asyncio.wait_for(serve.process.wait(), 15)
+    except TimeoutError:
+        pytest.fail(f"evflow serve --nats {url} still runs after 15 s:\n{serve.stderr[-1500:]}")
+
+    assert code == 1
+    assert f"cannot connect to NATS at {url}" in serve.stderr
+    assert "Traceback" not in serve.stderr
+
+
+@pytest.mark.slow
+async def test_a_command_with_an_unreachable_nats_exits_naming_the_url() -> None:
+    """``show --nats URL`` with nothing at URL exits 1 naming it, with no traceback."""
+    url = f"nats://127.0.0.1:{unused_port()}"
+
+    result = await evflow("show", "some-id", "--nats", url)
+
+    assert_refused(result, 1, f"cannot connect to NATS at {url}")
+
+
+async def test_invoke_output_read_by_a_program_is_not_wrapped(
+    nats_server: NatsServer, serve: Child
+) -> None:
+    """Piped at rich's default width, each line of the reply stays whole (as in the README)."""
+    result = await evflow(
+        "invoke", "approval", "-i", "amount=120", "-i", "requester=ann",
+        "--nats", nats_server.url, env=cli_env(COLUMNS=None),
+    )  # fmt: skip
+
+    assert result.returncode == 0, result
+    assert SETTLED.match(result.lines[0]), result.stdout
+    assert len(result.lines) == 4, result.stdout
+    assert result.lines[3].endswith("--output approved=... --output note=..."), result.stdout
