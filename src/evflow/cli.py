@@ -65,17 +65,32 @@ def main() -> None:
     show_default=True,
     help="The event log, sqlite:///PATH (env EVFLOW_STORE).",
 )
-@click.option("--log-level", default="INFO", show_default=True, help="DEBUG, INFO, WARNING...")
+@click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    default="INFO",
+    show_default=True,
+    help="The least severe log records shown.",
+)
 def serve(app_spec: str, nats_url: str | None, store: str, log_level: str) -> None:
     """Serve the flows of an App until SIGINT or SIGTERM."""
-    logging.basicConfig(
-        level=log_level.upper(), format="%(message)s", handlers=[RichHandler(console=err)]
-    )
+    _configure_logging(log_level)
     app = _load_app(app_spec)
     try:
         asyncio.run(_serve(app, nats_url, store))
     except EvflowError as error:
         raise click.ClickException(error.message) from None
+
+
+def _configure_logging(level: str) -> None:
+    """Rich log lines on a terminal; plain, unwrapped, timestamped lines for a log file."""
+    if err.is_terminal:
+        handler: logging.Handler = RichHandler(console=err)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 async def _serve(app: App, nats_url: str | None, store: str) -> None:
@@ -204,8 +219,8 @@ def show(execution_id: str, as_json: bool, nats_url: str) -> None:
         click.echo(msgspec.json.encode(state))
         return
     table = Table(show_header=False, box=None)
-    for name, value in msgspec.structs.asdict(state).items():
-        if value not in (None, (), {}):
+    for name, value in msgspec.to_builtins(state).items():
+        if value not in (None, [], {}):
             table.add_row(f"[bold]{name}[/]", value if isinstance(value, str) else _text(value))
     out.print(table)
 
@@ -222,8 +237,9 @@ def history(execution_id: str, as_json: bool, nats_url: str) -> None:
             click.echo(msgspec.json.encode(stored))
         return
     table = Table(title=f"execution {execution_id}")
-    for column in ("version", "at", "type", "data"):
-        table.add_column(column)
+    for column in ("version", "at", "type"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("data", overflow="fold")  # wrap a long event, never hide part of it
     for stored in events:
         data = {k: v for k, v in msgspec.to_builtins(stored.event).items() if k != "type"}
         table.add_row(
