@@ -142,7 +142,8 @@ async def test_a_recorded_step_is_notified_as_step_completed(watcher: Watcher) -
     step = body(received[5])
     assert step["event"]["name"] == "reserve_budget"
     assert step["event"]["result"] == {"reservation": "budget-desk-300.00"}
-    assert received[5].headers == {"Nats-Msg-Id": f"{execution_id}:6"}
+    assert received[5].headers["Nats-Msg-Id"] == f"{execution_id}:6"
+    assert int(received[5].headers["Evflow-Position"]) > 0
 
 
 async def test_a_refused_command_publishes_nothing(watcher: Watcher) -> None:

@@ -15,6 +15,7 @@ from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
+from .commands import IDEMPOTENCY_HEADER, PAUSE_HEADER
 from .connection import connect
 from .errors import EvflowError, Unavailable, from_body
 from .events import StoredEvent
@@ -27,7 +28,6 @@ from .messages import (
     reply_decoder,
     state_decoder,
 )
-from .service import IDEMPOTENCY_HEADER, PAUSE_HEADER
 from .state import ExecutionState
 from .subjects import Subjects
 

@@ -117,6 +117,27 @@ class Notification(msgspec.Struct, frozen=True, omit_defaults=True):
     resume_subject: str | None = None
 
 
+class Rejection(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Published on ``<prefix>.events.rejected`` when a durable command is refused.
+
+    The command is acknowledged and never retried: it would be refused again. Nothing was
+    appended for it.
+    """
+
+    subject: str
+    """The subject the command was published on."""
+    stream_sequence: int
+    """Its sequence in the commands stream."""
+    error: dict[str, Any]
+    """Why it was refused: the same ``code`` and ``message`` a request would get."""
+    at: datetime
+    """When it was refused."""
+    idempotency_key: str | None = None
+    """The key the command was deduplicated by."""
+    execution_id: str | None = None
+    """The execution the command named, if any."""
+
+
 def settle_reply(state: ExecutionState, subjects: Subjects) -> Settled:
     """The reply for an execution at a settle point."""
     common = {"execution_id": state.execution_id, "flow": state.flow, "version": state.version}

@@ -1,11 +1,12 @@
-"""A running engine: the log, the NATS connection, the engine, notifications and the service,
-started and stopped together in the right order.
+"""A running engine: the log, the NATS connection, the streams, the engine, the outbox, the
+request service and durable intake, started and stopped together in the right order.
 
 ``evflow serve`` runs one; tests run one in-process against a real nats-server.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from nats.aio.client import Client as NATS
@@ -13,9 +14,11 @@ from nats.aio.client import Client as NATS
 from .connection import connect
 from .engine import Engine
 from .flow import App
-from .notify import Notifier
+from .intake import Intake
+from .outbox import Outbox
 from .service import EvflowService
 from .store import EventStore, open_store
+from .streams import Streams, StreamSettings
 from .subjects import Subjects
 from .timers import Clock
 
@@ -31,6 +34,9 @@ class Server:
         nats_url: the NATS server to connect to.
         subjects: the subjects to serve (prefix ``evflow`` by default).
         clock: the engine's clock.
+        streams: retention and redelivery settings of the JetStream streams.
+        shutdown_timeout: seconds ``stop`` lets commands in flight finish, and then again
+            the outbox publish what is left, before giving up on them.
     """
 
     def __init__(
@@ -40,16 +46,21 @@ class Server:
         nats_url: str,
         subjects: Subjects | None = None,
         clock: Clock | None = None,
+        streams: StreamSettings | None = None,
+        shutdown_timeout: float = 10.0,
     ):
         self.app = app
         self.nats_url = nats_url
         self.subjects = subjects or Subjects()
+        self.shutdown_timeout = shutdown_timeout
         self._store_spec = store
         self._clock = clock
+        self._stream_settings = streams
         self.store: EventStore | None = None
         self.nc: NATS | None = None
         self.engine: Engine | None = None
-        self._notifier: Notifier | None = None
+        self.outbox: Outbox | None = None
+        self.intake: Intake | None = None
         self._service: EvflowService | None = None
 
     async def start(self) -> None:
@@ -57,15 +68,21 @@ class Server:
         spec = self._store_spec
         self.store = await open_store(spec) if isinstance(spec, str) else spec
         self.nc = await self._connect()
-        self._notifier = Notifier(self.nc, self.subjects)
-        self._notifier.start()
-        self.engine = Engine(self.app, self.store, self._clock, self._notifier)
+        streams = Streams(self.nc, self.subjects, self._stream_settings)
+        await streams.ensure()
 
+        # Notifications flow from the log from here on, recovered executions' included.
+        self.outbox = Outbox(self.store, streams.js, self.subjects)
+        await self.outbox.start()
+        self.engine = Engine(self.app, self.store, self._clock, self.outbox)
         recovered = await self.engine.recover()
         logger.info("recovered %d interrupted executions", recovered)
 
+        # Only now take commands: requests first, then what waits in the commands stream.
         self._service = EvflowService(self.nc, self.engine, self.subjects)
         await self._service.start()
+        self.intake = Intake(streams, self.engine, self.subjects, clock=self._clock)
+        await self.intake.start()
         await self.nc.flush()  # the server knows our subscriptions before we say we listen
         logger.info("listening on %s", self.nats_url)
 
@@ -74,13 +91,25 @@ class Server:
         return await connect(self.nats_url, timeout=5, hint=hint, name="evflow-engine")
 
     async def stop(self) -> None:
-        """Stop taking commands, finish those in flight, publish what is queued, close."""
-        if self._service is not None:
-            await self._service.stop()
-        if self._notifier is not None:
-            await self._notifier.close()
+        """Stop taking commands, finish those in flight, publish what is left, close.
+
+        Each stage is bounded by ``shutdown_timeout``: a command still running then is
+        dropped unanswered (its events so far are in the log, and the next start drives it
+        on), and notifications still unpublished go out on the next start.
+        """
+        timeout = self.shutdown_timeout
+        stages = [
+            self._service.stop(timeout) if self._service else None,
+            self.intake.stop(timeout) if self.intake else None,
+        ]
+        await asyncio.gather(*(stage for stage in stages if stage is not None))
+        if self.outbox is not None:
+            await self.outbox.close(timeout)
         if self.nc is not None and not self.nc.is_closed:
-            await self.nc.drain()
+            try:
+                await asyncio.wait_for(self.nc.drain(), timeout)
+            except Exception as error:
+                logger.warning("closing the NATS connection did not finish cleanly: %s", error)
         if self.store is not None and isinstance(self._store_spec, str):
             await self.store.close()
         logger.info("stopped")

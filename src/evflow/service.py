@@ -12,24 +12,21 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import msgspec
 from nats.aio.client import Client as NATS
 from nats.micro import add_service
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
 from nats.micro.service import EndpointStats
 from nats.micro.service import Service as MicroService
 
-from . import __version__
+from . import __version__, commands
 from .engine import Engine
-from .errors import EvflowError, InternalError, InvalidInput, InvalidJson
+from .errors import EvflowError, InternalError
 from .messages import ErrorReply, History, encoder, settle_reply
 from .subjects import Subjects
 
 logger = logging.getLogger(__name__)
 
 EXECUTION_HEADER = "Evflow-Execution-Id"
-IDEMPOTENCY_HEADER = "Idempotency-Key"
-PAUSE_HEADER = "Evflow-Pause"
 
 Answer = tuple[bytes, str]
 """A reply body and the execution it concerns."""
@@ -58,8 +55,8 @@ class EvflowService:
             stats_handler=self._endpoint_data,
         )
         endpoints: dict[str, tuple[str, Callable[[Request], Awaitable[Answer]]]] = {
-            "invoke": (f"{prefix}.flo.*.invoke", self._invoke),
-            "resume": (f"{prefix}.flo.*.resume.*", self._resume),
+            "invoke": (f"{prefix}.flo.*.invoke", self._command),
+            "resume": (f"{prefix}.flo.*.resume.*", self._command),
             "get": (f"{prefix}.executions.get.*", self._get),
             "history": (f"{prefix}.executions.history.*", self._history),
         }
@@ -68,13 +65,16 @@ class EvflowService:
                 name=name, subject=subject, handler=self._dispatcher(name, command)
             )
 
-    async def stop(self) -> None:
-        """Stop taking requests, then let the ones in flight finish."""
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop taking requests, then let those in flight finish for at most ``timeout`` s."""
         if self._micro is not None:
             await self._micro.stop()
             self._micro = None
         if self._in_flight:
-            await asyncio.gather(*self._in_flight, return_exceptions=True)
+            _, pending = await asyncio.wait(self._in_flight, timeout=timeout)
+            for task in pending:  # unanswered: the caller retries, with its idempotency key
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
     def _endpoint_data(self, stats: EndpointStats) -> dict[str, Any]:
         """Counts the micro framework cannot see, since replies are sent from tasks."""
@@ -111,8 +111,9 @@ class EvflowService:
     def _named_execution(self, endpoint: str, request: Request) -> str | None:
         """The execution a command's subject names, if it names one (all but invoke do)."""
         tokens = self._subjects.tokens(request.subject)
-        at = {"resume": 3, "get": 2, "history": 2}.get(endpoint)
-        return tokens[at] if at is not None and at < len(tokens) else None
+        if endpoint in ("get", "history"):
+            return tokens[2] if len(tokens) > 2 else None
+        return commands.named_execution(tokens)
 
     async def _respond_error(self, request: Request, error: EvflowError, named: str | None) -> None:
         """Reply with the error's body and the micro error headers; name the execution."""
@@ -126,19 +127,12 @@ class EvflowService:
         except Exception:
             logger.warning("could not send an error reply on %s", request.subject, exc_info=True)
 
-    async def _invoke(self, request: Request) -> Answer:
-        flow = self._subjects.tokens(request.subject)[1]
-        state = await self._engine.invoke(flow, _object(request.data), _key(request))
-        return encoder.encode(settle_reply(state, self._subjects)), state.execution_id
-
-    async def _resume(self, request: Request) -> Answer:
-        tokens = self._subjects.tokens(request.subject)
-        flow, execution_id = tokens[1], tokens[3]
-        body = _object(request.data, execution_id)
-        state = await self._engine.resume(
-            flow, execution_id, body, _key(request), _pause(request, execution_id)
+    async def _command(self, request: Request) -> Answer:
+        command = commands.parse(
+            self._subjects.tokens(request.subject), request.headers, request.data
         )
-        return encoder.encode(settle_reply(state, self._subjects)), execution_id
+        state = await commands.run(self._engine, command)
+        return encoder.encode(settle_reply(state, self._subjects)), state.execution_id
 
     async def _get(self, request: Request) -> Answer:
         execution_id = self._subjects.tokens(request.subject)[2]
@@ -148,47 +142,3 @@ class EvflowService:
         execution_id = self._subjects.tokens(request.subject)[2]
         events = await self._engine.history(execution_id)
         return encoder.encode(History(execution_id, events)), execution_id
-
-
-def _object(body: bytes, execution_id: str | None = None) -> bytes:
-    """The body, once it is known to be one JSON object (an empty body stands for {})."""
-    if not body.strip():
-        return b"{}"
-    try:
-        value = msgspec.json.decode(body)
-    except msgspec.DecodeError as error:
-        raise InvalidJson(
-            f'the body is not valid JSON ({error}); send a JSON object such as {{"name": 1}}',
-            execution_id=execution_id,
-        ) from None
-    if not isinstance(value, dict):
-        raise InvalidJson(
-            f"the body must be a JSON object, not a JSON {type(value).__name__}; wrap the "
-            "fields in {...}",
-            execution_id=execution_id,
-        )
-    return body
-
-
-def _key(request: Request) -> str | None:
-    key = (request.headers or {}).get(IDEMPOTENCY_HEADER)
-    if key is not None and not key.strip():
-        raise InvalidInput(
-            f"the {IDEMPOTENCY_HEADER} header is empty; send a non-empty key or no header",
-            field=IDEMPOTENCY_HEADER,
-        )
-    return key
-
-
-def _pause(request: Request, execution_id: str) -> int | None:
-    value = (request.headers or {}).get(PAUSE_HEADER)
-    if value is None:
-        return None
-    if not value.strip().isdigit():
-        raise InvalidInput(
-            f"the {PAUSE_HEADER} header must be the sequence of the pause to answer (a "
-            f"positive integer from the pause reply), not '{value}'",
-            execution_id=execution_id,
-            field=PAUSE_HEADER,
-        )
-    return int(value)

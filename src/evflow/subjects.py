@@ -22,6 +22,14 @@ class Subjects(msgspec.Struct, frozen=True):
         """Where a resume of one execution is requested."""
         return f"{self.prefix}.flo.{flow}.resume.{execution_id}"
 
+    def durable_invoke(self, flow: str) -> str:
+        """Where an invoke of ``flow`` is published for durable intake (no reply)."""
+        return f"{self.prefix}.cmd.flo.{flow}.invoke"
+
+    def durable_resume(self, flow: str, execution_id: str) -> str:
+        """Where a resume of one execution is published for durable intake (no reply)."""
+        return f"{self.prefix}.cmd.flo.{flow}.resume.{execution_id}"
+
     def get(self, execution_id: str) -> str:
         """Where an execution's folded state is queried."""
         return f"{self.prefix}.executions.get.{execution_id}"
@@ -33,6 +41,10 @@ class Subjects(msgspec.Struct, frozen=True):
     def notification(self, flow: str, execution_id: str, kind: str) -> str:
         """Where the notification of one event is published."""
         return f"{self.prefix}.events.{flow}.{execution_id}.{kind}"
+
+    def rejected(self) -> str:
+        """Where the refusals of durable commands are published."""
+        return f"{self.prefix}.events.rejected"
 
     def notifications(self, flow: str | None = None, kind: str | None = None) -> str:
         """A subscription pattern for notifications, of one flow or kind if given."""

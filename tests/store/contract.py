@@ -371,3 +371,40 @@ class StoreContract(abc.ABC):
         assert isinstance(outcomes[50], EvflowError)
         assert not [o for o in outcomes[:50] + outcomes[51:] if isinstance(o, BaseException)]
         assert len(await store.read_all(limit=1000)) == 100
+
+    async def test_a_checkpoint_never_saved_is_at_zero(self, store: EventStore):
+        """The outbox of a new log starts from the beginning."""
+        assert await store.load_checkpoint("outbox") == 0
+
+    async def test_a_checkpoint_moves_forward_only(self, store: EventStore):
+        """A saved position is loaded back; saving a lower one later leaves it where it is."""
+        await store.save_checkpoint("outbox", 7)
+        await store.save_checkpoint("outbox", 3)
+        await store.save_checkpoint("other", 2)
+
+        assert await store.load_checkpoint("outbox") == 7
+        assert await store.load_checkpoint("other") == 2
+
+    async def test_a_checkpoint_survives_close_and_reopen(self, tmp_path: Path):
+        """A restarted engine finds its outbox where the last run left it."""
+        store = await self.open_store(tmp_path)
+        await store.append("a", 0, [start("a")])
+        await store.save_checkpoint("outbox", 1)
+        await store.close()
+
+        reopened = await self.open_store(tmp_path)
+        try:
+            assert await reopened.load_checkpoint("outbox") == 1
+        finally:
+            await reopened.close()
+
+    async def test_checkpoints_and_appends_share_a_batch(self, store: EventStore):
+        """Checkpoint moves queued among concurrent appends land with them, in one piece."""
+        names = [f"x{i:03}" for i in range(50)]
+        appends = [store.append(n, 0, [start(n)]) for n in names]
+        moves = [store.save_checkpoint("outbox", i) for i in range(10)]
+
+        await asyncio.gather(*appends[:25], *moves, *appends[25:])
+
+        assert len(await store.read_all(limit=1000)) == 50
+        assert await store.load_checkpoint("outbox") == 9

@@ -45,6 +45,16 @@ class EventStore(Protocol):
     async def unsettled(self) -> list[str]:
         """Executions whose last event leaves them running: the engine must drive them on."""
 
+    async def load_checkpoint(self, name: str) -> int:
+        """The global position checkpoint ``name`` was last saved at; 0 if never saved."""
+
+    async def save_checkpoint(self, name: str, position: int) -> None:
+        """Durably move checkpoint ``name`` to ``position``; a lower position changes nothing.
+
+        The outbox keeps its place in the log here, so a restart publishes from where the
+        last run stopped rather than from the beginning.
+        """
+
 
 def idempotency_scope(stored: StoredEvent) -> str | None:
     """The unique scope an event claims in the log, from its idempotency key.

@@ -41,6 +41,12 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE UNIQUE INDEX events_idempotency ON events (idempotency_scope)
         WHERE idempotency_scope IS NOT NULL;
     """,
+    """
+    CREATE TABLE checkpoints (
+        name TEXT PRIMARY KEY,
+        position INTEGER NOT NULL
+    );
+    """,
 )
 """Schema changes in order; ``schema_version`` holds how many have been applied."""
 
@@ -60,6 +66,17 @@ class _Append:
         self.done: asyncio.Future[list[StoredEvent]] = asyncio.get_running_loop().create_future()
 
 
+class _Checkpoint:
+    """One checkpoint move waiting for the writer; it rides in the next append batch."""
+
+    __slots__ = ("name", "position", "done")
+
+    def __init__(self, name: str, position: int):
+        self.name = name
+        self.position = position
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+
 class SqliteStore:
     """The ``EventStore`` on one SQLite file.
 
@@ -75,7 +92,7 @@ class SqliteStore:
         self.synchronous = synchronous
         self._writer_db: aiosqlite.Connection | None = None
         self._reader_db: aiosqlite.Connection | None = None
-        self._queue: asyncio.Queue[_Append] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Append | _Checkpoint] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
@@ -128,12 +145,30 @@ class SqliteStore:
         self, execution_id: str, expected_version: int, events: Sequence[StoredEvent]
     ) -> list[StoredEvent]:
         """Durably append ``events`` after ``expected_version``; see ``EventStore``."""
-        if self._writer is None:
-            raise StoreError(f"the SQLite log at {self.path} is closed; open it before appending")
+        self._check_open("appending")
         check_append(execution_id, expected_version, events)
         request = _Append(execution_id, expected_version, events)
         await self._queue.put(request)
         return await request.done
+
+    async def save_checkpoint(self, name: str, position: int) -> None:
+        """Durably move checkpoint ``name`` forward to ``position``; see ``EventStore``."""
+        self._check_open("saving a checkpoint")
+        request = _Checkpoint(name, position)
+        await self._queue.put(request)
+        await request.done
+
+    async def load_checkpoint(self, name: str) -> int:
+        """The position checkpoint ``name`` was saved at, 0 if never; see ``EventStore``."""
+        async with self._reader().execute(
+            "SELECT position FROM checkpoints WHERE name = ?", (name,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return row[0] if row else 0
+
+    def _check_open(self, doing: str) -> None:
+        if self._writer is None:
+            raise StoreError(f"the SQLite log at {self.path} is closed; open it before {doing}")
 
     async def _write_loop(self) -> None:
         while True:
@@ -152,15 +187,18 @@ class SqliteStore:
                 for _ in batch:
                     self._queue.task_done()
 
-    async def _commit(self, batch: list[_Append]) -> None:
+    async def _commit(self, batch: list[_Append | _Checkpoint]) -> None:
         db = self._writer_db
         assert db is not None
-        outcomes: list[list[StoredEvent] | Exception] = []
+        outcomes: list[list[StoredEvent] | Exception | None] = []
 
         # Each append in its own savepoint, so one clash leaves the others in the batch.
         await db.execute("BEGIN IMMEDIATE")
         try:
             for request in batch:
+                if isinstance(request, _Checkpoint):
+                    outcomes.append(await self._move_checkpoint(db, request))
+                    continue
                 await db.execute("SAVEPOINT one_append")
                 try:
                     outcomes.append(await self._insert(db, request))
@@ -181,6 +219,14 @@ class SqliteStore:
             else:
                 request.done.set_result(outcome)
         logger.debug("committed %d appends in one transaction", len(batch))
+
+    async def _move_checkpoint(self, db: aiosqlite.Connection, request: _Checkpoint) -> None:
+        """Move a checkpoint forward; it never moves back, whoever writes it."""
+        await db.execute(
+            "INSERT INTO checkpoints (name, position) VALUES (?, ?) ON CONFLICT (name)"
+            " DO UPDATE SET position = max(position, excluded.position)",
+            (request.name, request.position),
+        )
 
     async def _insert(self, db: aiosqlite.Connection, request: _Append) -> list[StoredEvent]:
         execution_id = request.execution_id

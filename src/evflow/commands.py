@@ -1,0 +1,143 @@
+"""Commands: what an invoke or a resume asks, read from its subject, headers and body.
+
+Requests (``service``) and durable intake (``intake``) carry the same commands in different
+envelopes. Both read and run them here, so the same input is refused with the same error
+whichever way it arrived.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import msgspec
+
+from .engine import Engine
+from .errors import InvalidInput, InvalidJson
+from .state import ExecutionState
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+PAUSE_HEADER = "Evflow-Pause"
+MAX_KEY_LENGTH = 512
+"""Longest idempotency key accepted: keys are stored with every command they mark."""
+
+
+class Invoke(msgspec.Struct, frozen=True):
+    """Start an execution of ``flow`` with the input fields in ``body``."""
+
+    flow: str
+    body: bytes
+    idempotency_key: str | None = None
+
+
+class Resume(msgspec.Struct, frozen=True):
+    """Answer the pending pause of an execution with the output fields in ``body``."""
+
+    flow: str
+    execution_id: str
+    body: bytes
+    idempotency_key: str | None = None
+    pause: int | None = None
+
+
+Command = Invoke | Resume
+
+
+def parse(
+    tokens: list[str],
+    headers: Mapping[str, str] | None,
+    body: bytes,
+    default_key: str | None = None,
+) -> Command:
+    """The command that subject ``tokens`` (after the prefix), ``headers`` and ``body`` ask.
+
+    ``default_key`` is the idempotency key used when the headers carry none.
+    """
+    headers = headers or {}
+    execution_id = named_execution(tokens)
+    match tokens:
+        case ["flo", flow, "invoke"]:
+            key = _key(headers, None) or default_key
+            return Invoke(flow, _object(body), key)
+        case ["flo", flow, "resume", execution_id]:
+            key = _key(headers, execution_id) or default_key
+            pause = _pause(headers, execution_id)
+            return Resume(flow, execution_id, _object(body, execution_id), key, pause)
+    raise InvalidInput(
+        f"'{'.'.join(tokens)}' is not a command subject; send flo.<flow>.invoke or "
+        "flo.<flow>.resume.<execution_id> after the prefix",
+        execution_id=execution_id,
+        field="subject",
+    )
+
+
+def named_execution(tokens: list[str]) -> str | None:
+    """The execution a command subject names (a resume's), if any."""
+    if len(tokens) == 4 and tokens[0] == "flo" and tokens[2] == "resume":
+        return tokens[3]
+    return None
+
+
+async def run(engine: Engine, command: Command) -> ExecutionState:
+    """Run a command on the engine; returns where the execution settled."""
+    match command:
+        case Invoke():
+            return await engine.invoke(command.flow, command.body, command.idempotency_key)
+        case Resume():
+            return await engine.resume(
+                command.flow,
+                command.execution_id,
+                command.body,
+                command.idempotency_key,
+                command.pause,
+            )
+
+
+def _object(body: bytes, execution_id: str | None = None) -> bytes:
+    """The body, once it is known to be one JSON object (an empty body stands for {})."""
+    if not body.strip():
+        return b"{}"
+    try:
+        value = msgspec.json.decode(body)
+    except msgspec.DecodeError as error:
+        raise InvalidJson(
+            f'the body is not valid JSON ({error}); send a JSON object such as {{"name": 1}}',
+            execution_id=execution_id,
+        ) from None
+    if not isinstance(value, dict):
+        raise InvalidJson(
+            f"the body must be a JSON object, not a JSON {type(value).__name__}; wrap the "
+            "fields in {...}",
+            execution_id=execution_id,
+        )
+    return body
+
+
+def _key(headers: Mapping[str, str], execution_id: str | None) -> str | None:
+    key = headers.get(IDEMPOTENCY_HEADER)
+    if key is None:
+        return None
+    if not key.strip():
+        problem = "is empty; send a non-empty key or no header"
+    elif len(key) > MAX_KEY_LENGTH:
+        problem = f"is {len(key)} characters long; send at most {MAX_KEY_LENGTH}"
+    else:
+        return key
+    raise InvalidInput(
+        f"the {IDEMPOTENCY_HEADER} header {problem}",
+        execution_id=execution_id,
+        field=IDEMPOTENCY_HEADER,
+    )
+
+
+def _pause(headers: Mapping[str, str], execution_id: str) -> int | None:
+    value = headers.get(PAUSE_HEADER)
+    if value is None:
+        return None
+    if not value.strip().isdigit():
+        raise InvalidInput(
+            f"the {PAUSE_HEADER} header must be the sequence of the pause to answer (a "
+            f"positive integer from the pause reply), not '{value}'",
+            execution_id=execution_id,
+            field=PAUSE_HEADER,
+        )
+    return int(value)

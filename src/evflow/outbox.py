@@ -1,0 +1,174 @@
+"""The outbox: every appended event becomes a notification, published by tailing the log.
+
+The outbox keeps its place in the log as a checkpoint in the store. It reads the events
+after the checkpoint in global order, publishes them to JetStream (stream
+``EVFLOW_EVENTS``) with ``Nats-Msg-Id: <execution_id>:<version>``, waits for the stream
+to acknowledge them, and only then moves the checkpoint. A crash between publishing and
+moving the checkpoint publishes those events again on restart, and the stream's duplicate
+window drops the copies.
+
+Known limit: an engine that stays down longer than the duplicate window (2 minutes by
+default) and restarts re-publishes the events of its last unfinished batch as new stream
+messages. Subscribers see each such event twice and can drop the copy by ``Nats-Msg-Id``;
+the log itself is unaffected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+
+from nats.js import JetStreamContext
+
+from .events import ExecutionStarted, StoredEvent
+from .messages import encoder, notification
+from .store import EventStore
+from .subjects import Subjects
+
+logger = logging.getLogger(__name__)
+
+POSITION_HEADER = "Evflow-Position"
+"""Header carrying an event's global position in the log, for consumers that track it."""
+
+
+class Outbox:
+    """Publishes the log, in order, as notifications.
+
+    Args:
+        store: the log to tail.
+        js: the JetStream context to publish through.
+        subjects: where notifications go.
+        batch: events read and published at a time.
+        poll: seconds between looks at the log when nothing woke the outbox; this is how
+            appends by another engine on the same file are found.
+        timeout: seconds to wait for the stream to acknowledge a batch.
+    """
+
+    CHECKPOINT = "outbox"
+
+    def __init__(
+        self,
+        store: EventStore,
+        js: JetStreamContext,
+        subjects: Subjects,
+        *,
+        batch: int = 256,
+        poll: float = 1.0,
+        timeout: float = 5.0,
+    ):
+        self._store = store
+        self._js = js
+        self._subjects = subjects
+        self._batch = batch
+        self._poll = poll
+        self._timeout = timeout
+        self._flows: OrderedDict[str, str] = OrderedDict()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._draining = False
+        self.position = 0
+        """Global position of the last event the stream acknowledged."""
+        self.published = 0
+        """Notifications published since start."""
+
+    async def start(self) -> None:
+        """Load the checkpoint and start publishing from it."""
+        self.position = await self._store.load_checkpoint(self.CHECKPOINT)
+        self._task = asyncio.create_task(self._run(), name="evflow-outbox")
+        logger.info("outbox publishing from log position %d", self.position)
+
+    def __call__(self, flow: str, events: list[StoredEvent]) -> None:
+        """Told of a durable append by this engine: remember the flow, publish soon."""
+        self._remember(events[0].execution_id, flow)
+        self._wake.set()
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Publish everything appended so far (for at most ``timeout`` seconds), then stop."""
+        if self._task is None:
+            return
+        self._draining = True
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout)
+        except TimeoutError:
+            logger.warning(
+                "the outbox stopped at log position %d before publishing everything; the "
+                "next start publishes the rest",
+                self.position,
+            )
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        self._task = None
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            try:
+                events = await self._store.read_all(self.position, self._batch)
+                if events:
+                    await self._publish(events)
+                    failures = 0
+                    continue
+            except Exception as error:
+                failures += 1
+                delay = min(0.1 * 2**failures, 5.0)
+                logger.warning(
+                    "publishing notifications after log position %d failed (%s); retrying "
+                    "in %.1f s",
+                    self.position,
+                    error or type(error).__name__,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            if self._draining:
+                return
+            await self._idle()
+
+    async def _idle(self) -> None:
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), self._poll)
+        except TimeoutError:
+            pass
+
+    async def _publish(self, events: list[StoredEvent]) -> None:
+        """Publish a batch, wait for every acknowledgement, then move the checkpoint."""
+        acks = []
+        for stored in events:
+            flow = await self._flow_of(stored)
+            message = notification(flow, stored, self._subjects)
+            subject = self._subjects.notification(flow, stored.execution_id, message.kind)
+            headers = {
+                "Nats-Msg-Id": f"{stored.execution_id}:{stored.version}",
+                POSITION_HEADER: str(stored.position),
+            }
+            acks.append(
+                await self._js.publish_async(subject, encoder.encode(message), headers=headers)
+            )
+        await asyncio.wait_for(asyncio.gather(*acks), self._timeout)
+
+        self.position = events[-1].position
+        self.published += len(events)
+        await self._store.save_checkpoint(self.CHECKPOINT, self.position)
+        logger.debug("published %d notifications up to position %d", len(events), self.position)
+
+    async def _flow_of(self, stored: StoredEvent) -> str:
+        """The flow of an event's execution: known from its start, or read once from the log."""
+        execution_id = stored.execution_id
+        if isinstance(stored.event, ExecutionStarted):
+            self._remember(execution_id, stored.event.flow)
+        flow = self._flows.get(execution_id)
+        if flow is None:
+            first = await self._store.read(execution_id, 1)
+            assert first and isinstance(first[0].event, ExecutionStarted)
+            flow = first[0].event.flow
+            self._remember(execution_id, flow)
+        self._flows.move_to_end(execution_id)
+        return flow
+
+    def _remember(self, execution_id: str, flow: str, limit: int = 10_000) -> None:
+        self._flows[execution_id] = flow
+        if len(self._flows) > limit:
+            self._flows.popitem(last=False)
