@@ -14,6 +14,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
+from nats.js.errors import NoStreamResponseError
 
 from .commands import IDEMPOTENCY_HEADER, PAUSE_HEADER
 from .connection import connect
@@ -100,6 +101,48 @@ class Client:
         msg = await self.request(self.subjects.resume(flow, execution_id), body, headers)
         return reply_decoder.decode(msg.data)
 
+    async def publish_invoke(
+        self, flow: str, inputs: dict[str, Any] | None = None, *, idempotency_key: str | None = None
+    ) -> int:
+        """Publish an invoke for durable intake; returns its sequence in the commands stream.
+
+        No reply comes: the engine runs the command when it can, even if it is down now,
+        and its outcome arrives as notifications (a refusal on ``<prefix>.events.rejected``).
+        The key, when given, is also the message's ``Nats-Msg-Id``.
+        """
+        return await self._publish(
+            self.subjects.durable_invoke(flow), inputs, _headers(idempotency_key, msg_id=True)
+        )
+
+    async def publish_resume(
+        self,
+        flow: str,
+        execution_id: str,
+        outputs: dict[str, Any] | None = None,
+        *,
+        idempotency_key: str | None = None,
+        pause: int | None = None,
+    ) -> int:
+        """Publish a resume for durable intake; returns its sequence in the commands stream."""
+        headers = _headers(idempotency_key, msg_id=True)
+        if pause is not None:
+            headers[PAUSE_HEADER] = str(pause)
+        subject = self.subjects.durable_resume(flow, execution_id)
+        return await self._publish(subject, outputs, headers)
+
+    async def _publish(self, subject: str, fields: Any, headers: dict[str, str]) -> int:
+        body = msgspec.json.encode(fields or {})
+        try:
+            ack = await self.nc.jetstream().publish(
+                subject, body, timeout=self.timeout, headers=headers or None
+            )
+        except (NoStreamResponseError, NatsTimeout):
+            raise Unavailable(
+                f"no JetStream stream stored the command on {subject}; start the engine once "
+                "with 'evflow serve' so that it creates its streams"
+            ) from None
+        return ack.seq
+
     async def get(self, execution_id: str) -> ExecutionState:
         """The folded state of an execution."""
         msg = await self.request(self.subjects.get(execution_id))
@@ -141,8 +184,13 @@ class Client:
         return msg
 
 
-def _headers(idempotency_key: str | None) -> dict[str, str]:
-    return {IDEMPOTENCY_HEADER: idempotency_key} if idempotency_key is not None else {}
+def _headers(idempotency_key: str | None, *, msg_id: bool = False) -> dict[str, str]:
+    if idempotency_key is None:
+        return {}
+    headers = {IDEMPOTENCY_HEADER: idempotency_key}
+    if msg_id:  # let the stream drop a repeat before the engine ever sees it
+        headers["Nats-Msg-Id"] = idempotency_key
+    return headers
 
 
 def _error(msg: Msg) -> EvflowError:
