@@ -26,6 +26,7 @@ from .flow import App
 from .messages import Completed, Failed, Paused, Settled, Waiting
 from .nats_server import NatsServer
 from .server import Server
+from .streams import StreamSettings, parse_duration
 
 logger = logging.getLogger("evflow.cli")
 out = Console(soft_wrap=True)  # replies are read by programs too: never break a line
@@ -40,6 +41,22 @@ nats_option = click.option(
     show_default=True,
     help="NATS server URL (env EVFLOW_NATS_URL).",
 )
+
+
+class Duration(click.ParamType):
+    """A duration such as 90s, 15m, 2h or 7d, as seconds."""
+
+    name = "duration"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, int | float):
+            return float(value)
+        try:
+            return parse_duration(str(value), "the duration")
+        except EvflowError as error:
+            self.fail(error.message, param, ctx)
 
 
 @click.group()
@@ -66,18 +83,79 @@ def main() -> None:
     help="The event log, sqlite:///PATH (env EVFLOW_STORE).",
 )
 @click.option(
+    "--events-max-age",
+    type=Duration(),
+    envvar="EVFLOW_EVENTS_MAX_AGE",
+    show_envvar=True,
+    default="7d",
+    show_default=True,
+    help="How long the EVFLOW_EVENTS stream keeps a notification; 0 for no limit.",
+)
+@click.option(
+    "--events-max-bytes",
+    type=int,
+    envvar="EVFLOW_EVENTS_MAX_BYTES",
+    show_envvar=True,
+    default=-1,
+    show_default=True,
+    help="Bytes EVFLOW_EVENTS keeps before dropping the oldest; -1 for no limit.",
+)
+@click.option(
+    "--duplicate-window",
+    type=Duration(),
+    envvar="EVFLOW_DUPLICATE_WINDOW",
+    show_envvar=True,
+    default="2m",
+    show_default=True,
+    help="How long both streams drop a repeated Nats-Msg-Id.",
+)
+@click.option(
+    "--command-ack-wait",
+    type=Duration(),
+    envvar="EVFLOW_COMMAND_ACK_WAIT",
+    show_envvar=True,
+    default="30s",
+    show_default=True,
+    help="How long a durable command taken by an engine that died waits to be delivered again.",
+)
+@click.option(
+    "--shutdown-timeout",
+    type=Duration(),
+    envvar="EVFLOW_SHUTDOWN_TIMEOUT",
+    show_envvar=True,
+    default="10s",
+    show_default=True,
+    help="On SIGTERM, how long commands in flight may finish, and then notifications drain.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
     default="INFO",
     show_default=True,
     help="The least severe log records shown.",
 )
-def serve(app_spec: str, nats_url: str | None, store: str, log_level: str) -> None:
+def serve(
+    app_spec: str,
+    nats_url: str | None,
+    store: str,
+    events_max_age: float,
+    events_max_bytes: int,
+    duplicate_window: float,
+    command_ack_wait: float,
+    shutdown_timeout: float,
+    log_level: str,
+) -> None:
     """Serve the flows of an App until SIGINT or SIGTERM."""
     _configure_logging(log_level)
     app = _load_app(app_spec)
+    streams = StreamSettings(
+        events_max_age=events_max_age,
+        events_max_bytes=events_max_bytes,
+        duplicate_window=duplicate_window,
+        command_ack_wait=command_ack_wait,
+    )
     try:
-        asyncio.run(_serve(app, nats_url, store))
+        asyncio.run(_serve(app, nats_url, store, streams, shutdown_timeout))
     except EvflowError as error:
         raise click.ClickException(error.message) from None
 
@@ -93,17 +171,20 @@ def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
-async def _serve(app: App, nats_url: str | None, store: str) -> None:
+async def _serve(
+    app: App, nats_url: str | None, store: str, streams: StreamSettings, shutdown_timeout: float
+) -> None:
+    stop = _stop_on_signals()
     embedded = None
     if nats_url is None:
         embedded = NatsServer(_store_folder(store) / "nats", port=4222)
         await embedded.start()
         nats_url = embedded.url
-    server = Server(app, store, nats_url)
+    server = Server(app, store, nats_url, streams=streams, shutdown_timeout=shutdown_timeout)
     try:
         await server.start()
         _announce(app, server)
-        await _until_signalled()
+        await stop.wait()
         logger.info("stopping: finishing commands in flight")
     finally:
         await server.stop()
@@ -125,12 +206,13 @@ def _announce(app: App, server: Server) -> None:
         logger.info("try it: evflow invoke %s %s", example.name, fields)
 
 
-async def _until_signalled() -> None:
+def _stop_on_signals() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM, installed before start-up so neither kills us."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
 
 
 def _load_app(spec: str) -> App:
