@@ -149,17 +149,24 @@ class Engine:
             )
         return events
 
-    async def recover(self) -> int:
+    async def recover(self, concurrency: int = 32) -> int:
         """Drive on every execution a crash left running; returns how many were driven."""
-        recovered = 0
-        for execution_id in await self.store.unsettled():
-            try:
-                async with self._exclusive(execution_id):
-                    await self._drive_on(execution_id)
-                recovered += 1
-            except EvflowError as error:
-                logger.error("execution %s could not be recovered: %s", execution_id, error)
-        return recovered
+        slots = asyncio.Semaphore(concurrency)
+
+        async def drive(execution_id: str) -> bool:
+            async with slots:
+                try:
+                    async with self._exclusive(execution_id):
+                        await self._drive_on(execution_id)
+                    return True
+                except ConcurrencyError:
+                    logger.info("execution %s was driven on by another engine", execution_id)
+                except EvflowError as error:
+                    logger.error("execution %s could not be recovered: %s", execution_id, error)
+                return False
+
+        outcomes = await asyncio.gather(*(drive(e) for e in await self.store.unsettled()))
+        return sum(outcomes)
 
     async def _answer(
         self,
