@@ -176,9 +176,7 @@ class Load:
         while not self.stopping.is_set():
             key = f"rr-{worker}-{uuid.uuid4().hex[:12]}"
             body = {"n": self.rng.randrange(1000)}
-            reply = await self._until_acked(
-                lambda: self.client.invoke("order", body, idempotency_key=key)
-            )
+            reply = await self._until_acked(self.client.invoke, "order", body, key)
             if reply is None:
                 continue
             self.ledger.invokes[key] = reply.execution_id
@@ -186,9 +184,8 @@ class Load:
                 continue  # leave some paused for the end, as real users do
             answer = {"ok": self.rng.random() < 0.8}
             resumed = await self._until_acked(
-                lambda: self.client.resume("order", reply.execution_id, answer,
-                                           idempotency_key=f"{key}-r")
-            )  # fmt: skip
+                self.client.resume, "order", reply.execution_id, answer, f"{key}-r"
+            )
             if resumed is not None:
                 self.ledger.resumes[f"{key}-r"] = reply.execution_id
 
@@ -196,9 +193,7 @@ class Load:
         while not self.stopping.is_set():
             key = f"js-{worker}-{uuid.uuid4().hex[:12]}"
             body = {"n": self.rng.randrange(1000)}
-            sequence = await self._until_acked(
-                lambda: self.client.publish_invoke("order", body, idempotency_key=key)
-            )
+            sequence = await self._until_acked(self.client.publish_invoke, "order", body, key)
             if sequence is None:
                 continue
             self.ledger.durable_invokes.add(key)
@@ -206,9 +201,8 @@ class Load:
             if execution_id is None:
                 continue
             resumed = await self._until_acked(
-                lambda: self.client.publish_resume("order", execution_id, {"ok": True},
-                                                   idempotency_key=f"{key}-r")
-            )  # fmt: skip
+                self.client.publish_resume, "order", execution_id, {"ok": True}, f"{key}-r"
+            )
             if resumed is not None:
                 self.ledger.durable_resumes[f"{key}-r"] = execution_id
 
@@ -222,13 +216,14 @@ class Load:
             await asyncio.sleep(0.05)
         return None
 
-    async def _until_acked(self, send: Any, attempts: int = 5) -> Any:
-        """Send with the same key until acknowledged; None when it never was."""
+    async def _until_acked(self, send: Any, *args: Any, attempts: int = 5) -> Any:
+        """``send(*args, idempotency_key=key)`` until acknowledged; None when it never was."""
+        *args, key = args
         for _ in range(attempts):
             if self.stopping.is_set():
                 return None
             try:
-                return await send()
+                return await send(*args, idempotency_key=key)
             except (EvflowError, nats.errors.Error, OSError, TimeoutError) as error:
                 self.ledger.failures[type(error).__name__] += 1
                 await asyncio.sleep(0.05 + self.rng.random() * 0.2)
@@ -420,7 +415,8 @@ async def check(nc: NATS, store: Path, work: Path, ledger: Ledger, report: Repor
     expected = {key.replace("/", "_") for key in recorded_steps}
     problems += [f"step {key} was recorded but its effect never happened"
                  for key in sorted(expected - effects)]  # fmt: skip
-    problems += [f"effect {key} happened for no recorded step" for key in sorted(effects - expected)]
+    problems += [f"effect {key} happened for no recorded step"
+                 for key in sorted(effects - expected)]  # fmt: skip
 
     # Every event is in EVFLOW_EVENTS exactly once.
     published = await _notification_ids(nc)
