@@ -17,6 +17,8 @@ sys.path.insert(0, str(ROOT))  # the example flows live in examples/
 
 from examples.flows import app as example_app  # noqa: E402
 
+from processes import spawn  # noqa: E402, F401  (a fixture: evflow commands as children)
+
 
 @pytest.fixture
 async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:

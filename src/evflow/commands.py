@@ -103,6 +103,11 @@ def _object(body: bytes, execution_id: str | None = None) -> bytes:
             f'the body is not valid JSON ({error}); send a JSON object such as {{"name": 1}}',
             execution_id=execution_id,
         ) from None
+    except RecursionError:
+        raise InvalidJson(
+            "the body nests arrays or objects too deeply to read; send a flatter JSON object",
+            execution_id=execution_id,
+        ) from None
     if not isinstance(value, dict):
         raise InvalidJson(
             f"the body must be a JSON object, not a JSON {type(value).__name__}; wrap the "

@@ -22,7 +22,6 @@ import asyncio
 import logging
 from contextlib import suppress
 
-import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
@@ -127,12 +126,13 @@ class Intake:
             try:
                 messages = await subscription.fetch(free, timeout=FETCH_WAIT)
                 failures = 0
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats-py raises both its own and asyncio's: no commands
                 continue
             except Exception as error:
                 failures += 1
                 delay = min(0.1 * 2**failures, 5.0)
-                logger.warning("pulling durable commands failed (%s); retrying", error)
+                reason = str(error) or type(error).__name__
+                logger.warning("pulling durable commands failed (%s); retrying", reason)
                 await asyncio.sleep(delay)
                 continue
             for message in messages:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -30,6 +31,16 @@ EXECUTION_HEADER = "Evflow-Execution-Id"
 
 Answer = tuple[bytes, str]
 """A reply body and the execution it concerns."""
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def header_text(text: str) -> str:
+    """``text`` safe as a header value: a control character (from a client's field name, say)
+    is written as its escape, so it can neither break the header block nor forge a header.
+    """
+    return _CONTROL.sub(lambda match: repr(match.group())[1:-1], text)
 
 
 class EvflowService:
@@ -117,7 +128,7 @@ class EvflowService:
 
     async def _respond_error(self, request: Request, error: EvflowError, named: str | None) -> None:
         """Reply with the error's body and the micro error headers; name the execution."""
-        headers = {ERROR_HEADER: error.message, ERROR_CODE_HEADER: str(error.status)}
+        headers = {ERROR_HEADER: header_text(error.message), ERROR_CODE_HEADER: str(error.status)}
         execution_id = error.execution_id or named
         if execution_id is not None:
             headers[EXECUTION_HEADER] = execution_id
