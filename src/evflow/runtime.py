@@ -28,7 +28,8 @@ from .flow import FlowDef
 from .timers import Clock
 
 Persist = Callable[[str, int, list[StoredEvent]], Awaitable[list[StoredEvent]]]
-"""Appends events for an execution after a version and returns them as stored."""
+"""Appends events for an execution after a version and returns them as stored; with no
+events, it only confirms that the execution is still at that version."""
 
 
 class Suspended(msgspec.Struct, frozen=True):
@@ -103,9 +104,19 @@ class Runner:
         self.stored += await self._persist(self.execution_id, batch[0].version - 1, batch)
 
     async def flush_in_flow(self) -> None:
-        """Flush from inside flow code; a refusal stops the flow code where it stands."""
+        """Before a side effect: make pending events durable, or, with none pending, confirm
+        that no other writer moved the execution on since it was read.
+
+        Nothing is pending only when the history was read just before (recovery, or driving
+        on after a crash). Another engine on the same log may be running that very step; if
+        it recorded the step already, the confirmation fails and the step does not run again.
+        A refusal stops the flow code where it stands.
+        """
         try:
-            await self.flush()
+            if self.pending:
+                await self.flush()
+            else:
+                await self._persist(self.execution_id, self.version, [])
         except EvflowError as error:
             self._error = error
             raise _Aborted from error
