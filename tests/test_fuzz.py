@@ -30,7 +30,7 @@ from wire import APPROVAL
 BOUND = 20.0
 CODES = {
     "invalid_json", "invalid_input", "unknown_flow", "unknown_execution", "not_paused",
-    "already_resumed", "finished", "nondeterminism",
+    "already_resumed", "finished", "nondeterminism", "too_large",
 }  # fmt: skip
 """Every code a refusal of bad input may carry; ``internal`` means the engine failed."""
 
@@ -120,7 +120,7 @@ def check_reply(msg: Msg) -> bool:
         return False
     error = json.loads(msg.data)["error"]
     assert error["code"] in CODES, error
-    assert headers["Nats-Service-Error-Code"] in {"400", "404", "409", "500"}
+    assert headers["Nats-Service-Error-Code"] in {"400", "404", "409", "413", "500"}
     assert error["message"]
     assert not set("\r\n") & set(headers["Nats-Service-Error"]), headers
     if error["message"].isprintable():

@@ -12,13 +12,13 @@ from typing import Any
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.errors import NoRespondersError
+from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import NoStreamResponseError
 
 from .commands import IDEMPOTENCY_HEADER, PAUSE_HEADER
 from .connection import connect
-from .errors import EvflowError, Unavailable, from_body
+from .errors import EvflowError, TooLarge, Unavailable, from_body
 from .events import StoredEvent
 from .messages import (
     Notification,
@@ -170,6 +170,11 @@ class Client:
         """Send a raw request; raises the engine's error if the reply is one."""
         try:
             msg = await self.nc.request(subject, body, timeout=self.timeout, headers=headers)
+        except MaxPayloadError:
+            raise TooLarge(
+                f"the request on {subject} is {len(body)} bytes, more than the "
+                f"{self.nc.max_payload} NATS carries; send a smaller body"
+            ) from None
         except NoRespondersError:
             raise Unavailable(
                 f"no evflow engine answers on {subject}; start one with 'evflow serve'"

@@ -12,11 +12,14 @@ from collections.abc import Mapping
 import msgspec
 
 from .engine import Engine
-from .errors import InvalidInput, InvalidJson
+from .errors import InvalidInput, InvalidJson, TooLarge
 from .state import ExecutionState
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 PAUSE_HEADER = "Evflow-Pause"
+MAX_BODY_BYTES = 256 * 1024
+"""Largest command body accepted: its fields travel again in replies and notifications,
+which must fit in one NATS message (1 MiB by default)."""
 MAX_KEY_LENGTH = 512
 """Longest idempotency key accepted: keys are stored with every command they mark."""
 
@@ -96,6 +99,13 @@ def _object(body: bytes, execution_id: str | None = None) -> bytes:
     """The body, once it is known to be one JSON object (an empty body stands for {})."""
     if not body.strip():
         return b"{}"
+    if len(body) > MAX_BODY_BYTES:
+        raise TooLarge(
+            f"the body is {len(body)} bytes; send at most {MAX_BODY_BYTES} (keep large data "
+            "elsewhere and pass a reference to it)",
+            execution_id=execution_id,
+            field="body",
+        )
     try:
         value = msgspec.json.decode(body)
     except msgspec.DecodeError as error:
@@ -110,11 +120,20 @@ def _object(body: bytes, execution_id: str | None = None) -> bytes:
         ) from None
     if not isinstance(value, dict):
         raise InvalidJson(
-            f"the body must be a JSON object, not a JSON {type(value).__name__}; wrap the "
-            "fields in {...}",
+            f"the body must be a JSON object, not {_json_kind(value)}; wrap the fields in {{...}}",
             execution_id=execution_id,
         )
     return body
+
+
+def _json_kind(value: object) -> str:
+    """What a decoded JSON value is, in JSON's words."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    kinds = {list: "an array", str: "a string", int: "a number", float: "a number"}
+    return kinds.get(type(value), "a JSON value")
 
 
 def _key(headers: Mapping[str, str], execution_id: str | None) -> str | None:
@@ -138,7 +157,7 @@ def _pause(headers: Mapping[str, str], execution_id: str) -> int | None:
     value = headers.get(PAUSE_HEADER)
     if value is None:
         return None
-    if not value.strip().isdigit():
+    if not value.strip().isdigit() or int(value) < 1:
         raise InvalidInput(
             f"the {PAUSE_HEADER} header must be the sequence of the pause to answer (a "
             f"positive integer from the pause reply), not '{value}'",

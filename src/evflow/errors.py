@@ -5,6 +5,7 @@ The tree::
     EvflowError                     base; ``status`` (HTTP-like) and ``code`` (wire)
     ├── InvalidJson                 400 invalid_json: the body is not a JSON object
     ├── InvalidInput                400 invalid_input: a field is missing, mistyped or unknown
+    ├── TooLarge                    413 too_large: a body or a reply exceeds what NATS carries
     ├── UnknownFlow                 404 unknown_flow
     ├── UnknownExecution            404 unknown_execution
     ├── Conflict                    409; carries the execution's status and version
@@ -73,6 +74,13 @@ class InvalidInput(EvflowError):
     def field(self) -> str | None:
         """The field concerned."""
         return self.details.get("field")
+
+
+class TooLarge(EvflowError):
+    """A command body, or the reply to a query, is larger than evflow or NATS carries."""
+
+    status = 413
+    code = "too_large"
 
 
 class UnknownFlow(EvflowError):
@@ -183,6 +191,7 @@ _BY_CODE: dict[str, type[EvflowError]] = {
     for cls in (
         InvalidJson,
         InvalidInput,
+        TooLarge,
         UnknownFlow,
         UnknownExecution,
         NotPaused,

@@ -109,12 +109,18 @@ class Notification(msgspec.Struct, frozen=True, omit_defaults=True):
     """Version of the event."""
     at: datetime
     """When it happened."""
-    event: AnyEvent
-    """The event itself."""
+    event: AnyEvent | None
+    """The event itself; null when it was too large to publish (see ``oversized``)."""
     inputs: dict[str, Any] | None = None
+    """A pause's values shown to whoever answers."""
     outputs: list[str] | None = None
+    """A pause's output field names."""
     output_schema: dict[str, Any] | None = None
+    """JSON Schema of the resume body that answers a pause."""
     resume_subject: str | None = None
+    """Where to send that resume."""
+    oversized: bool = False
+    """The event did not fit in one NATS message and is left out; the log holds it."""
 
 
 class Rejection(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -165,6 +171,13 @@ def settle_reply(state: ExecutionState, subjects: Subjects) -> Settled:
         case Status.CANCELLED:
             return Cancelled(**common, reason=state.cancel_reason)
     raise ValueError(f"execution {state.execution_id} is {state.status.value}, not settled")
+
+
+def slim(note: Notification) -> Notification:
+    """A notification without its event and pause details, for one too large to publish."""
+    return msgspec.structs.replace(
+        note, event=None, inputs=None, output_schema=None, oversized=True
+    )
 
 
 def notification(flow: str, stored: StoredEvent, subjects: Subjects) -> Notification:

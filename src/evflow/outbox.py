@@ -19,14 +19,17 @@ import asyncio
 import logging
 from collections import OrderedDict
 
-from nats.js import JetStreamContext
+from nats.aio.client import Client as NATS
 
 from .events import ExecutionStarted, StoredEvent
-from .messages import encoder, notification
+from .messages import Notification, encoder, notification, slim
 from .store import EventStore
 from .subjects import Subjects
 
 logger = logging.getLogger(__name__)
+
+_HEADROOM = 1024
+"""Bytes of a message kept free for its subject and headers."""
 
 POSITION_HEADER = "Evflow-Position"
 """Header carrying an event's global position in the log, for consumers that track it."""
@@ -37,7 +40,7 @@ class Outbox:
 
     Args:
         store: the log to tail.
-        js: the JetStream context to publish through.
+        nc: the NATS connection to publish through.
         subjects: where notifications go.
         batch: events read and published at a time.
         poll: seconds between looks at the log when nothing woke the outbox; this is how
@@ -50,7 +53,7 @@ class Outbox:
     def __init__(
         self,
         store: EventStore,
-        js: JetStreamContext,
+        nc: NATS,
         subjects: Subjects,
         *,
         batch: int = 256,
@@ -58,7 +61,8 @@ class Outbox:
         timeout: float = 5.0,
     ):
         self._store = store
-        self._js = js
+        self._nc = nc
+        self._js = nc.jetstream()
         self._subjects = subjects
         self._batch = batch
         self._poll = poll
@@ -145,7 +149,7 @@ class Outbox:
                 POSITION_HEADER: str(stored.position),
             }
             acks.append(
-                await self._js.publish_async(subject, encoder.encode(message), headers=headers)
+                await self._js.publish_async(subject, self._payload(message), headers=headers)
             )
         await asyncio.wait_for(asyncio.gather(*acks), self._timeout)
 
@@ -153,6 +157,27 @@ class Outbox:
         self.published += len(events)
         await self._store.save_checkpoint(self.CHECKPOINT, self.position)
         logger.debug("published %d notifications up to position %d", len(events), self.position)
+
+    def _payload(self, message: Notification) -> bytes:
+        """The notification's JSON; without its event when that would not fit in a message.
+
+        A notification NATS refuses would stop the outbox for good, holding back every
+        later one, so an oversized event is announced without its content instead. Known
+        limit: such an event cannot be read over NATS either (queries answer too_large);
+        only the log itself (sqlite3, and export in issue 5) shows it.
+        """
+        payload = encoder.encode(message)
+        if len(payload) <= self._nc.max_payload - _HEADROOM:
+            return payload
+        logger.warning(
+            "the %s event of execution %s (version %d) is %d bytes, too large to publish; "
+            "its notification says oversized; the event is in the log",
+            message.kind,
+            message.execution_id,
+            message.version,
+            len(payload),
+        )
+        return encoder.encode(slim(message))
 
     async def _flow_of(self, stored: StoredEvent) -> str:
         """The flow of an event's execution: known from its start, or read once from the log."""

@@ -72,7 +72,7 @@ class Server:
         await streams.ensure()
 
         # Notifications flow from the log from here on, recovered executions' included.
-        self.outbox = Outbox(self.store, streams.js, self.subjects)
+        self.outbox = Outbox(self.store, self.nc, self.subjects)
         await self.outbox.start()
         self.engine = Engine(self.app, self.store, self._clock, self.outbox)
         recovered = await self.engine.recover()

@@ -21,7 +21,7 @@ from nats.micro.service import Service as MicroService
 
 from . import __version__, commands
 from .engine import Engine
-from .errors import EvflowError, InternalError
+from .errors import EvflowError, InternalError, TooLarge
 from .messages import ErrorReply, History, encoder, settle_reply
 from .subjects import Subjects
 
@@ -106,6 +106,7 @@ class EvflowService:
     ) -> None:
         try:
             body, execution_id = await command(request)
+            self._check_fits(body, execution_id, request.subject)
             await request.respond(body, headers={EXECUTION_HEADER: execution_id})
             return
         except EvflowError as error:
@@ -118,6 +119,16 @@ class EvflowService:
             )
         self._errors[endpoint] = self._errors.get(endpoint, 0) + 1
         await self._respond_error(request, failure, self._named_execution(endpoint, request))
+
+    def _check_fits(self, body: bytes, execution_id: str, subject: str) -> None:
+        """Refuse a reply NATS would not carry, instead of failing to send it."""
+        limit = self._nc.max_payload - 1024
+        if len(body) > limit:
+            raise TooLarge(
+                f"the reply on {subject} for execution {execution_id} is {len(body)} bytes, "
+                f"more than the {limit} NATS carries; read the execution from the store",
+                execution_id=execution_id,
+            )
 
     def _named_execution(self, endpoint: str, request: Request) -> str | None:
         """The execution a command's subject names, if it names one (all but invoke do)."""
