@@ -99,6 +99,22 @@ async def test_concurrent_invokes_with_one_key_start_one_execution(
     assert await log_size(engine_server) == 2
 
 
+async def test_concurrent_resumes_with_one_key_all_get_the_first_reply(
+    nc: NATS, engine_server: Server
+) -> None:
+    """A client retrying while its first resume is in flight is told the outcome, not 409."""
+    execution_id = (await invoke(nc))["execution_id"]
+    key = {"Idempotency-Key": "answer-once"}
+
+    replies = await asyncio.gather(
+        *(call(nc, resume_subject("approval", execution_id), YES, key) for _ in range(10))
+    )
+
+    assert len({msg.data for msg in replies}) == 1, [msg.data for msg in replies]
+    assert reply(replies[0])["status"] == "completed"
+    assert types(await events(nc, execution_id)).count("ExecutionResumed") == 1
+
+
 async def test_one_key_on_two_flows_starts_two_executions(nc: NATS) -> None:
     """An invoke key is scoped to its flow, so unrelated flows do not collide."""
     key = {"Idempotency-Key": "shared"}

@@ -19,6 +19,7 @@ from . import fields
 from .errors import (
     AlreadyResumed,
     ConcurrencyError,
+    Conflict,
     DuplicateCommand,
     EvflowError,
     Finished,
@@ -99,34 +100,46 @@ class Engine:
         so a late duplicate cannot answer a later pause by mistake.
         """
         self.app.get(flow_name)
-        if idempotency_key is not None:
-            first = await self.store.find_command(resume_scope(execution_id, idempotency_key))
-            if first is not None:
-                return _of_flow(await self._outcome_of(first), flow_name, execution_id)
+        repeat = await self._repeat_of(execution_id, idempotency_key, flow_name)
+        if repeat is not None:
+            return repeat
 
         # Judge the command by the state it arrives at, not the state after the run in
         # progress: a resume sent while the flow runs is refused, never queued to answer a
         # pause its sender has not seen.
-        state = _of_flow(fold(await self.store.read(execution_id)), flow_name, execution_id)
-        _check_resumable(state, pause)
-        assert state.pause is not None
-        pause = state.pause.sequence
-
-        async with self._exclusive(execution_id):
-            history = await self.store.read(execution_id)
-            state = _of_flow(fold(history), flow_name, execution_id)
+        try:
+            state = _of_flow(fold(await self.store.read(execution_id)), flow_name, execution_id)
             _check_resumable(state, pause)
-            flow = self._flow_for(state)
-            try:
-                return await self._answer(flow, history, state, body, idempotency_key)
-            except ConcurrencyError:
-                # Another process wrote first: say where the execution stands now.
-                _check_resumable(_settled(await self.store.read(execution_id)), pause)
+            assert state.pause is not None
+            pause = state.pause.sequence
+
+            async with self._exclusive(execution_id):
+                history = await self.store.read(execution_id)
+                state = _of_flow(fold(history), flow_name, execution_id)
+                _check_resumable(state, pause)
+                flow = self._flow_for(state)
+                try:
+                    return await self._answer(flow, history, state, body, idempotency_key)
+                except ConcurrencyError:
+                    # Another process wrote first: say where the execution stands now.
+                    _check_resumable(_settled(await self.store.read(execution_id)), pause)
+                    raise
+        except (Conflict, DuplicateCommand):
+            # A twin with the same key may have answered the pause first: its outcome is ours.
+            repeat = await self._repeat_of(execution_id, idempotency_key, flow_name)
+            if repeat is None:
                 raise
-            except DuplicateCommand:
-                pass
-        first = await self.store.find_command(resume_scope(execution_id, idempotency_key or ""))
-        assert first is not None, "a claimed idempotency scope must be found again"
+            return repeat
+
+    async def _repeat_of(
+        self, execution_id: str, idempotency_key: str | None, flow_name: str
+    ) -> ExecutionState | None:
+        """The outcome of an earlier resume with this key, if there was one."""
+        if idempotency_key is None:
+            return None
+        first = await self.store.find_command(resume_scope(execution_id, idempotency_key))
+        if first is None:
+            return None
         return _of_flow(await self._outcome_of(first), flow_name, execution_id)
 
     async def get(self, execution_id: str, at_version: int | None = None) -> ExecutionState:
