@@ -160,16 +160,20 @@ class Child:
                 pytest.fail(f"no {text!r} on {stream} within {BOUND:g} s:\n{self}")
             await asyncio.sleep(0.05)
 
-    async def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
-        """Send ``sig`` and return the exit code; fail if it does not exit in time."""
-        self.process.send_signal(sig)
+    async def stop(self, sig: signal.Signals = signal.SIGTERM, *, group: bool = False) -> int:
+        """Send ``sig`` (to its whole process group if ``group``, as a terminal's Ctrl-C
+        does) and return the exit code; fail if it does not exit in time."""
+        if group:
+            os.killpg(self.process.pid, sig)
+        else:
+            self.process.send_signal(sig)
         try:
             return await asyncio.wait_for(self.process.wait(), BOUND)
         except TimeoutError:
             pytest.fail(f"still running {BOUND:g} s after {sig.name}:\n{self}")
 
     async def kill(self) -> int:
-        """SIGKILL it and whatever it started, as a crash would."""
+        """SIGKILL its process group, as a crash would."""
         os.killpg(self.process.pid, signal.SIGKILL)
         return await self.process.wait()
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import signal
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import pytest
 from evflow.nats_server import NatsServer
 from processes import (
     APP,
+    BOUND,
     READY,
     SETTLED,
     Child,
@@ -315,20 +318,42 @@ async def test_a_killed_serve_resumes_its_paused_execution_after_a_restart(
     ]  # fmt: skip
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-async def test_serve_without_nats_runs_an_embedded_server_and_stops_it(
-    spawn: Spawn, tmp_path: Path, sig: signal.Signals
-) -> None:
-    """Without ``--nats``, serve runs nats-server on 127.0.0.1:4222, data beside the log."""
+def need_port_4222() -> None:
+    """The embedded server listens on 4222 as the README says; skip if something holds it."""
     if not port_is_free(4222):
         pytest.skip("127.0.0.1:4222 is taken by another process; the embedded server needs it")
+
+
+async def port_4222_freed() -> bool:
+    """Whether 4222 becomes free within a few seconds."""
+    for _ in range(100):
+        if port_is_free(4222):
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("sig", "group"),
+    [(signal.SIGTERM, False), (signal.SIGINT, True)],
+    ids=["SIGTERM", "Ctrl-C"],
+)
+async def test_serve_without_nats_runs_an_embedded_server_and_stops_it(
+    spawn: Spawn, tmp_path: Path, sig: signal.Signals, group: bool
+) -> None:
+    """Without ``--nats``, serve runs nats-server on 127.0.0.1:4222, data beside the log.
+
+    Ctrl-C in a terminal signals the whole foreground process group; the embedded server
+    must not die of it before serve has finished with it.
+    """
+    need_port_4222()
     store = tmp_path / "state" / "evflow.db"
 
     serve = await spawn("serve", "--app", APP, "--store", sqlite_url(store))
     await serve.wait_for(READY)
     reply = await evflow("invoke", "approval", "-i", "amount=1", "-i", "requester=x")
-    code = await serve.stop(sig)
+    code = await serve.stop(sig, group=group)
 
     data = store.parent / "nats"
     assert f"embedded nats-server ready on nats://127.0.0.1:4222 (data in {data})" in serve.stderr
@@ -338,6 +363,79 @@ async def test_serve_without_nats_runs_an_embedded_server_and_stops_it(
     assert "embedded nats-server stopped" in serve.stderr
     assert "Traceback" not in serve.stderr
     assert port_is_free(4222), "the embedded nats-server still listens after serve exited"
+
+
+@pytest.mark.slow
+async def test_a_killed_serve_takes_its_embedded_server_down_and_starts_again(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    """After a SIGKILL of serve, the README command runs again: port 4222 was let go."""
+    need_port_4222()
+    args = ("serve", "--app", APP, "--store", sqlite_url(tmp_path / "evflow.db"))
+    first = await spawn(*args)
+    await first.wait_for(READY)
+
+    first.process.kill()  # serve alone, as the OOM killer would
+    await first.process.wait()
+    freed = await port_4222_freed()
+    second = await spawn(*args)
+    await second.wait_for(READY)
+
+    assert freed, "the embedded nats-server outlived the serve that started it"
+    assert await second.stop(signal.SIGTERM) == 0, second
+
+
+@pytest.mark.slow
+async def test_serve_stops_when_its_embedded_server_dies(spawn: Spawn, tmp_path: Path) -> None:
+    """If the embedded nats-server exits, serve says so and exits 1 instead of spinning."""
+    need_port_4222()
+    serve = await spawn("serve", "--app", APP, "--store", sqlite_url(tmp_path / "evflow.db"))
+    await serve.wait_for(READY)
+    found = re.search(r"nats-server ready on \S+ \(data in (?P<data>[^)]+)\)", serve.stderr)
+    assert found, serve.stderr
+    pid = next(
+        int(p.name) for p in Path("/proc").iterdir()
+        if p.name.isdigit() and _is_child_nats(p, serve.process.pid)
+    )  # fmt: skip
+
+    os.kill(pid, signal.SIGKILL)
+    code = await asyncio.wait_for(serve.process.wait(), BOUND)
+
+    assert code == 1, serve
+    assert "the embedded nats-server exited with code -9, so evflow stopped" in serve.stderr
+    assert "Traceback" not in serve.stderr
+
+
+def _is_child_nats(proc: Path, parent: int) -> bool:
+    """Whether /proc/PID is a nats-server whose parent is ``parent``."""
+    try:
+        status = (proc / "status").read_text()
+    except OSError:
+        return False
+    fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+    return fields.get("Name", "").strip() == "nats-server" and fields.get("PPid") == str(parent)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "words"),
+    [
+        ("--store", "postgres://x/y", ["--store", "not supported", "sqlite:///PATH"]),
+        ("--nats", "http://127.0.0.1:4222", ["--nats", "not a NATS URL", "nats://HOST:PORT"]),
+    ],
+    ids=["store", "nats"],
+)
+async def test_serve_refuses_a_url_it_cannot_use_before_starting_anything(
+    spawn: Spawn, tmp_path: Path, flag: str, value: str, words: list[str]
+) -> None:
+    """A bad --store or --nats is a usage error; no server is started, no folder made."""
+    serve = await spawn("serve", "--app", APP, flag, value)
+    code = await asyncio.wait_for(serve.process.wait(), BOUND)
+
+    assert code == 2, serve
+    for word in words:
+        assert word in serve.stderr
+    assert not (Path.cwd() / "postgres:").exists()
+    assert "nats-server ready" not in serve.stderr
 
 
 @pytest.mark.slow

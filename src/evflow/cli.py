@@ -26,6 +26,7 @@ from .flow import App
 from .messages import Completed, Failed, Paused, Settled, Waiting
 from .nats_server import NatsServer
 from .server import Server
+from .store import store_path
 from .streams import StreamSettings, parse_duration
 
 logger = logging.getLogger("evflow.cli")
@@ -33,6 +34,7 @@ out = Console(soft_wrap=True)  # replies are read by programs too: never break a
 err = Console(stderr=True, soft_wrap=True)
 
 DEFAULT_STORE = "sqlite:///.evflow/evflow.db"
+NATS_SCHEMES = ("nats://", "tls://", "ws://", "wss://")
 nats_option = click.option(
     "--nats",
     "nats_url",
@@ -148,6 +150,7 @@ def serve(
     """Serve the flows of an App until SIGINT or SIGTERM."""
     _configure_logging(log_level)
     app = _load_app(app_spec)
+    _check_urls(store, nats_url)
     streams = StreamSettings(
         events_max_age=events_max_age,
         events_max_bytes=events_max_bytes,
@@ -184,16 +187,50 @@ async def _serve(
     try:
         await server.start()
         _announce(app, server)
-        await stop.wait()
+        code = await _until_stopped(stop, embedded)
         logger.info("stopping: finishing commands in flight")
     finally:
         await server.stop()
         if embedded is not None:
             await embedded.stop()
+    if code is not None:
+        raise EvflowError(
+            f"the embedded nats-server exited with code {code}, so evflow stopped; its last "
+            "output is above (run with --log-level debug to see all of it)"
+        )
+
+
+async def _until_stopped(stop: asyncio.Event, embedded: NatsServer | None) -> int | None:
+    """Wait for SIGINT or SIGTERM; or for the embedded server to die (its exit code)."""
+    waits = {asyncio.ensure_future(stop.wait())}
+    if embedded is not None:
+        waits.add(asyncio.ensure_future(embedded.wait()))
+    done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    if stop.is_set():
+        return None
+    code = done.pop().result()
+    logger.error("the embedded nats-server exited with code %s", code)
+    return code
+
+
+def _check_urls(store: str, nats_url: str | None) -> None:
+    """Refuse a store or NATS URL evflow cannot use, before anything starts."""
+    try:
+        store_path(store)
+    except EvflowError as error:
+        raise click.BadParameter(error.message, param_hint="--store") from None
+    if nats_url is not None and not nats_url.startswith(NATS_SCHEMES):
+        raise click.BadParameter(
+            f"'{nats_url}' is not a NATS URL; write it as nats://HOST:PORT (or tls://, ws://, "
+            "wss://), for example nats://127.0.0.1:4222",
+            param_hint="--nats",
+        )
 
 
 def _store_folder(store: str) -> Path:
-    return Path(store.removeprefix("sqlite:///")).resolve().parent
+    return store_path(store).resolve().parent
 
 
 def _announce(app: App, server: Server) -> None:

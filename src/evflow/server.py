@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 
 from nats.aio.client import Client as NATS
 
@@ -98,21 +99,32 @@ class Server:
         on), and notifications still unpublished go out on the next start.
         """
         timeout = self.shutdown_timeout
-        stages = [
-            self._service.stop(timeout) if self._service else None,
-            self.intake.stop(timeout) if self.intake else None,
-        ]
-        await asyncio.gather(*(stage for stage in stages if stage is not None))
-        if self.outbox is not None:
-            await self.outbox.close(timeout)
-        if self.nc is not None and not self.nc.is_closed:
-            try:
-                await asyncio.wait_for(self.nc.drain(), timeout)
-            except Exception as error:
-                logger.warning("closing the NATS connection did not finish cleanly: %s", error)
-        if self.store is not None and isinstance(self._store_spec, str):
-            await self.store.close()
+        try:
+            await _quietly(
+                "stopping the command intake",
+                self._service.stop(timeout) if self._service else None,
+                self.intake.stop(timeout) if self.intake else None,
+            )
+            outbox = self.outbox.close(timeout) if self.outbox else None
+            await _quietly("draining the outbox", outbox)
+            await self._hang_up(timeout)
+        finally:
+            if self.store is not None and isinstance(self._store_spec, str):
+                await self.store.close()
         logger.info("stopped")
+
+    async def _hang_up(self, timeout: float) -> None:
+        """Drain the NATS connection, or close it if draining cannot finish (NATS gone)."""
+        if self.nc is None or self.nc.is_closed:
+            return
+        try:
+            await asyncio.wait_for(self.nc.drain(), timeout)
+        except Exception as error:
+            logger.warning("the NATS connection did not drain (%s); closing it", error)
+            try:
+                await self.nc.close()
+            except OSError as lost:  # nats-py flushes on close, which fails with NATS gone
+                logger.debug("closing the NATS connection: %s", lost)
 
     async def __aenter__(self) -> Server:
         await self.start()
@@ -120,3 +132,11 @@ class Server:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+async def _quietly(what: str, *stages: Awaitable[None] | None) -> None:
+    """Run shutdown stages side by side; a failing one is logged, and shutdown goes on."""
+    outcomes = await asyncio.gather(*(s for s in stages if s is not None), return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, Exception):
+            logger.warning("%s failed: %s", what, outcome or type(outcome).__name__)

@@ -9,6 +9,7 @@ a unique scope in the log, so a repeated command is found again after a restart.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol
 
 from ..events import ExecutionResumed, ExecutionStarted, StoredEvent
@@ -106,18 +107,24 @@ def resume_scope(execution_id: str, key: str) -> str:
     return f"resume/{execution_id}/{key}"
 
 
-async def open_store(url: str) -> EventStore:
-    """Open the store a URL names: ``sqlite:///PATH`` (relative) or ``sqlite:////PATH``."""
-    from .sqlite import SqliteStore
+def store_path(url: str) -> Path:
+    """The file a store URL names: ``sqlite:///PATH`` (relative) or ``sqlite:////PATH``."""
+    from ..errors import StoreError
 
-    if not url.startswith("sqlite:///"):
-        from ..errors import StoreError
-
+    path = url.removeprefix("sqlite:///")
+    if not url.startswith("sqlite:///") or not path:
         raise StoreError(
             f"store URL '{url}' is not supported; use sqlite:///PATH, for example "
             "sqlite:///evflow.db"
         )
-    store = SqliteStore(url.removeprefix("sqlite:///"))
+    return Path(path)
+
+
+async def open_store(url: str) -> EventStore:
+    """Open the store a URL names (see ``store_path``)."""
+    from .sqlite import SqliteStore
+
+    store = SqliteStore(store_path(url))
     await store.open()
     return store
 
@@ -129,4 +136,5 @@ __all__ = [
     "invoke_scope",
     "open_store",
     "resume_scope",
+    "store_path",
 ]
