@@ -95,6 +95,8 @@ def _field(text: str) -> str | None:
     path = _PATH.search(text)
     named = _NAMED.search(text)
     parts = [p for p in ((path and path["path"]), (named and named["name"])) if p]
+    if named is not None and not named["name"]:
+        parts.append('""')  # a field whose name is the empty string
     return ".".join(parts) or None
 
 
