@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -34,7 +35,8 @@ CODES = {
 }  # fmt: skip
 """Every code a refusal of bad input may carry; ``internal`` means the engine failed."""
 
-EXAMPLES = 300
+EXAMPLES = int(os.environ.get("EVFLOW_FUZZ_EXAMPLES", "300"))
+"""Examples per fuzz test; ``ops/fuzz`` asks for more."""
 counter = itertools.count()
 
 # Subject tokens NATS lets a client publish to: no dots, wildcards, spaces or controls.
