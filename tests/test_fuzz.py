@@ -26,7 +26,7 @@ from nats.aio.msg import Msg
 from evflow.events import ExecutionResumed, ExecutionStarted
 from evflow.nats_server import NatsServer
 from evflow.server import Server
-from wire import APPROVAL
+from wire import APPROVAL, log_size
 
 BOUND = 20.0
 CODES = {
@@ -107,11 +107,6 @@ async def paused(nc: NATS) -> str:
     """An execution paused at its approval, for resumes to aim at."""
     msg = await nc.request("evflow.flo.approval.invoke", json.dumps(APPROVAL).encode(), 10)
     return json.loads(msg.data)["execution_id"]
-
-
-async def log_size(server: Server) -> int:
-    assert server.store is not None
-    return len(await server.store.read_all(limit=1_000_000))
 
 
 def check_reply(msg: Msg) -> bool:

@@ -20,7 +20,7 @@ from evflow import App, Context
 from evflow.commands import MAX_BODY_BYTES
 from evflow.nats_server import NatsServer
 from evflow.server import Server
-from wire import call, error, reply
+from wire import call, error, log_size, reply
 
 BOUND = 20.0
 app = App()
@@ -51,11 +51,6 @@ async def nc(nats_server: NatsServer, server: Server) -> AsyncIterator[NATS]:
     connection = await nats.connect(nats_server.url)
     yield connection
     await connection.drain()
-
-
-async def log_size(server: Server) -> int:
-    assert server.store is not None
-    return len(await server.store.read_all())
 
 
 async def test_a_body_over_the_limit_is_too_large_and_appends_nothing(

@@ -27,6 +27,7 @@ from wire import (
     events,
     invoke,
     invoke_subject,
+    log_size,
     reply,
     resume,
     resume_subject,
@@ -43,12 +44,6 @@ async def nc(nats_server: NatsServer, engine_server: Server) -> AsyncIterator[NA
     connection = await nats.connect(nats_server.url)
     yield connection
     await connection.drain()
-
-
-async def log_size(server: Server) -> int:
-    """How many events the whole log holds."""
-    assert server.store is not None
-    return len(await server.store.read_all())
 
 
 async def test_invoke_replies_with_a_pause_that_describes_itself(nc: NATS) -> None:

@@ -30,6 +30,7 @@ from wire import (
     events,
     invoke,
     invoke_subject,
+    log_size,
     reply,
     resume,
     resume_subject,
@@ -43,12 +44,6 @@ async def nc(nats_server: NatsServer, engine_server: Server) -> AsyncIterator[NA
     connection = await nats.connect(nats_server.url)
     yield connection
     await connection.drain()
-
-
-async def log_size(server: Server) -> int:
-    """How many events the whole log holds."""
-    assert server.store is not None
-    return len(await server.store.read_all())
 
 
 async def test_repeated_invoke_with_a_key_returns_the_first_reply_byte_for_byte(

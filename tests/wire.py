@@ -8,6 +8,8 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from evflow.server import Server
+
 EXECUTION_HEADER = "Evflow-Execution-Id"
 APPROVAL = {"amount": 120.5, "requester": "ann"}
 YES = {"approved": True, "note": "within budget"}
@@ -72,3 +74,9 @@ async def state(nc: NATS, execution_id: str) -> dict[str, Any]:
 
 def types(history: list[dict[str, Any]]) -> list[str]:
     return [stored["event"]["type"] for stored in history]
+
+
+async def log_size(server: Server) -> int:
+    """How many events the whole log of a running engine holds."""
+    assert server.store is not None
+    return len(await server.store.read_all(limit=1_000_000))
