@@ -333,6 +333,26 @@ class StoreContract(abc.ABC):
         assert sorted(e.execution_id for e in everything) == names
         assert len({e.position for e in everything}) == 200
 
+    async def test_a_read_after_an_append_sees_it_while_other_reads_run(self, store: EventStore):
+        """Every read starts from what is durable now, however many reads overlap it: a
+        reader must never serve an older snapshot of the log."""
+        names = [f"r{i:03}" for i in range(100)]
+        await asyncio.gather(*(store.append(n, 0, [start(n)]) for n in names))
+        stop = asyncio.Event()
+
+        async def keep_reading(name: str) -> None:
+            while not stop.is_set():
+                await store.read(name)
+
+        readers = [asyncio.create_task(keep_reading(n)) for n in names[:50]]
+        try:
+            for n in names[50:]:
+                await store.append(n, 1, [pause(n, 2)])
+                assert len(await store.read(n)) == 2, f"a read of {n} missed its append"
+        finally:
+            stop.set()
+            await asyncio.gather(*readers)
+
     async def test_one_clash_in_a_batch_does_not_undo_the_others(self, store: EventStore):
         """Among concurrent appends, a version clash fails alone; the rest land."""
         await store.append("clash", 0, [start("clash")])

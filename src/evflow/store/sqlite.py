@@ -160,11 +160,8 @@ class SqliteStore:
 
     async def load_checkpoint(self, name: str) -> int:
         """The position checkpoint ``name`` was saved at, 0 if never; see ``EventStore``."""
-        async with self._reader().execute(
-            "SELECT position FROM checkpoints WHERE name = ?", (name,)
-        ) as cursor:
-            row = await cursor.fetchone()
-        return row[0] if row else 0
+        rows = await self._query("SELECT position FROM checkpoints WHERE name = ?", (name,))
+        return rows[0][0] if rows else 0
 
     def _check_open(self, doing: str) -> None:
         if self._writer is None:
@@ -312,24 +309,32 @@ class SqliteStore:
         of executions in the log (to be bounded by issue 6).
         """
         marks = ",".join("?" * len(_SETTLING_TYPES))
-        db = self._reader()
-        async with db.execute(
+        rows = await self._query(
             "SELECT e.execution_id FROM events e"
             " JOIN (SELECT execution_id, max(version) AS v FROM events GROUP BY execution_id) m"
             " ON e.execution_id = m.execution_id AND e.version = m.v"
             f" WHERE e.type NOT IN ({marks}) ORDER BY e.position",
             _SETTLING_TYPES,
-        ) as cursor:
-            return [row[0] for row in await cursor.fetchall()]
+        )
+        return [row[0] for row in rows]
 
     def _reader(self) -> aiosqlite.Connection:
         if self._reader_db is None:
             raise StoreError(f"the SQLite log at {self.path} is closed; open it before reading")
         return self._reader_db
 
+    async def _query(self, sql: str, params: tuple[object, ...] = ()) -> list[sqlite3.Row]:
+        """Rows of one read, run and fetched whole in one call on the reader's thread.
+
+        A statement left open between awaits would hold the reader connection in its read
+        transaction, so every other read on it would keep seeing that old snapshot of the
+        WAL, missing appends committed since (a timer's firing, say). One call per read
+        ends each read transaction before the next begins.
+        """
+        return list(await self._reader().execute_fetchall(sql, params))
+
     async def _select(self, sql: str, params: tuple[object, ...]) -> list[StoredEvent]:
-        async with self._reader().execute(sql, params) as cursor:
-            rows = await cursor.fetchall()
+        rows = await self._query(sql, params)
         return [
             StoredEvent(
                 execution_id=execution_id,
