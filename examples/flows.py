@@ -1,5 +1,7 @@
 """Example flows served by the README's run command: ``evflow serve --app examples.flows:app``."""
 
+from datetime import timedelta
+
 from evflow import App, Context
 
 app = App()
@@ -46,3 +48,27 @@ async def purchase(ctx: Context, item: str, amount: float, buyer: str = "anonymo
         "reservation": reservation["reservation"],
         "approved_at": ctx.now().isoformat(),
     }
+
+
+def place_order(customer: str, price: float) -> dict:
+    """A side effect that must happen once: in real life, a call to the order service."""
+    return {"order": f"order-{customer}-{price:.2f}"}
+
+
+@app.flow("quote")
+async def quote(ctx: Context, customer: str, price: float) -> dict:
+    """A price offer that holds for a minute, silence declining it; an accepted offer is
+    ordered after a ten-second cooling-off wait, unless it is cancelled meanwhile."""
+    answer = await ctx.pause(
+        name="offer",
+        inputs={"customer": customer, "price": price},
+        outputs={"accepted": bool},
+        timeout=timedelta(minutes=1),
+        default={"accepted": False},
+    )
+    if not answer["accepted"]:
+        return {"status": "declined"}
+
+    await ctx.wait_for(timedelta(seconds=10))
+    order = await ctx.step("place_order", place_order, customer, price)
+    return {"status": "ordered", "order": order["order"]}

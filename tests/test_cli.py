@@ -204,7 +204,7 @@ async def test_watch_prints_notifications_of_new_executions(
         (
             ["invoke", "nope", "--input", "amount=1"],
             1,
-            ["error unknown_flow:", "'nope'", "known flows: approval, purchase"],
+            ["error unknown_flow:", "'nope'", "known flows: approval, purchase, quote"],
         ),
         (
             ["invoke", "approval", "--input", "amount=120"],
@@ -213,8 +213,23 @@ async def test_watch_prints_notifications_of_new_executions(
         ),
         (["show", "no-such-id"], 1, ["error unknown_execution:", "no-such-id"]),
         (["invoke", "approval", "--json", "[1]"], 2, ["--json", "must be a JSON object"]),
+        (
+            ["invoke", "approval.x", "--input", "amount=1"],
+            1,
+            ["error invalid_input:", "flow 'approval.x' cannot be part of a NATS subject"],
+        ),
+        (["show", "a b"], 1, ["error invalid_input:", "execution id 'a b' cannot be part"]),
+        (["cancel", "approval", "0" * 32], 1, ["error unknown_execution:", "0" * 32]),
     ],
-    ids=["unknown-flow", "missing-field", "show-unknown-id", "json-not-an-object"],
+    ids=[
+        "unknown-flow",
+        "missing-field",
+        "show-unknown-id",
+        "json-not-an-object",
+        "flow-not-a-token",
+        "id-not-a-token",
+        "cancel-unknown-id",
+    ],
 )
 async def test_a_refused_command_prints_why_and_exits_non_zero(
     nats_server: NatsServer, serve: Child, args: list[str], status: int, words: list[str]
@@ -223,6 +238,43 @@ async def test_a_refused_command_prints_why_and_exits_non_zero(
     result = await evflow(*args, "--nats", nats_server.url)
 
     assert_refused(result, status, *words)
+
+
+async def test_cancel_prints_the_cancelled_execution_and_refuses_a_second_time(
+    nats_server: NatsServer, serve: Child
+) -> None:
+    """``cancel`` ends a paused execution with its reason; a second cancel is ``finished``."""
+    execution_id = await invoke_approval(nats_server.url)
+
+    result = await evflow(
+        "cancel", "approval", execution_id, "--reason", "not needed", "--nats", nats_server.url
+    )
+    again = await evflow("cancel", "approval", execution_id, "--nats", nats_server.url)
+
+    assert result.returncode == 0, result
+    assert result.lines == [
+        f"execution {execution_id} of flow 'approval' is cancelled (version 3)",
+        "  reason not needed",
+    ]
+    assert_refused(again, 1, "error finished:", f"execution {execution_id} is cancelled")
+
+
+async def test_a_timed_pause_prints_its_deadline_and_a_wait_its_wake_up(
+    nats_server: NatsServer, serve: Child
+) -> None:
+    """The quote's offer expires in a minute; accepted, it waits ten seconds to order."""
+    offered = await evflow(
+        "invoke", "quote", "-i", "customer=ann", "-i", "price=10", "--nats", nats_server.url
+    )
+    execution_id = offered.settled()["id"]
+    accepted = await evflow(
+        "resume", "quote", execution_id, "-o", "accepted=true", "--nats", nats_server.url
+    )
+
+    assert offered.lines[3].startswith("  it expires at 20"), offered.stdout
+    assert accepted.returncode == 0, accepted
+    assert accepted.lines[0] == f"execution {execution_id} of flow 'quote' is waiting (version 4)"
+    assert accepted.lines[1].startswith("  wakes at 20"), accepted.stdout
 
 
 async def test_resume_with_a_wrong_type_names_the_field(

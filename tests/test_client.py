@@ -118,3 +118,44 @@ async def test_conflicts_raise_409_classes_with_status_and_version(client: Clien
         assert (error.value.code, error.value.status) == (code, 409)
         assert (error.value.execution_status, error.value.version) == ("completed", 4)
         assert error.value.execution_id == execution_id
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda c: c.invoke("approval.x", APPROVAL), "flow"),
+        (lambda c: c.invoke("", APPROVAL), "flow"),
+        (lambda c: c.invoke("appr oval", APPROVAL), "flow"),
+        (lambda c: c.resume("approval", "a.b", YES), "execution_id"),
+        (lambda c: c.cancel("approval", "*"), "execution_id"),
+        (lambda c: c.get("x" * 5000), "execution_id"),
+        (lambda c: c.history(">"), "execution_id"),
+        (lambda c: c.publish_invoke("a>b", APPROVAL), "flow"),
+    ],
+)
+async def test_a_name_that_cannot_be_a_subject_token_is_refused_before_sending(
+    client: Client, call, field: str
+) -> None:
+    """A dot, a space, a wildcard, nothing or thousands of characters would reach a subject
+    no engine listens on (or make the server drop the connection): refused at once."""
+    with caught_as(InvalidInput) as refused:
+        await call(client)
+
+    assert refused.value.field == field
+    assert "cannot be part of a NATS subject" in refused.value.message
+    assert len(refused.value.message) < 250
+    assert (await client.invoke("approval", APPROVAL)).flow == "approval"  # still connected
+
+
+async def test_closing_a_client_whose_server_is_gone_raises_nothing(tmp_path) -> None:
+    """A client used while NATS goes away still closes quietly, keeping the caller's error."""
+    from evflow.nats_server import NatsServer
+
+    server = NatsServer(tmp_path / "nats", port=0)
+    await server.start()
+    client = await Client.connect(server.url)
+    await server.stop()
+
+    await client.close()
+
+    assert client.nc.is_closed

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from evflow.events import ExecutionResumed, ExecutionStarted
+from evflow.events import ExecutionCancelled, ExecutionResumed, ExecutionStarted
 from evflow.nats_server import NatsServer
 from evflow.server import Server
 from wire import APPROVAL, log_size
@@ -31,7 +31,7 @@ from wire import APPROVAL, log_size
 BOUND = 20.0
 CODES = {
     "invalid_json", "invalid_input", "unknown_flow", "unknown_execution", "not_paused",
-    "already_resumed", "finished", "nondeterminism", "too_large",
+    "already_resumed", "finished", "expired", "nondeterminism", "too_large",
 }  # fmt: skip
 """Every code a refusal of bad input may carry; ``internal`` means the engine failed."""
 
@@ -80,6 +80,7 @@ def subjects(paused: str) -> st.SearchStrategy[str]:
     return st.one_of(
         st.builds("evflow.flo.{}.invoke".format, flow),
         st.builds("evflow.flo.{}.resume.{}".format, flow, execution),
+        st.builds("evflow.flo.{}.cancel.{}".format, flow, execution),
         st.builds("evflow.executions.get.{}".format, execution),
         st.builds("evflow.executions.history.{}".format, execution),
     )
@@ -192,7 +193,8 @@ async def test_random_durable_commands_are_each_run_or_rejected_once(
 
 
 async def _commands_in_log(server: Server) -> int:
-    """Invokes and resumes the log holds: each is one command that ran."""
+    """Invokes, resumes and cancels the log holds: each is one command that ran."""
     assert server.store is not None
     events = await server.store.read_all(limit=1_000_000)
-    return sum(isinstance(e.event, ExecutionStarted | ExecutionResumed) for e in events)
+    commands = ExecutionStarted | ExecutionResumed | ExecutionCancelled
+    return sum(isinstance(e.event, commands) for e in events)

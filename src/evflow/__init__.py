@@ -13,11 +13,13 @@ from .errors import (
     AlreadyResumed,
     Conflict,
     EvflowError,
+    Expired,
     Finished,
     InvalidInput,
     InvalidJson,
     NondeterminismError,
     NotPaused,
+    PauseTimedOut,
     StepError,
     TooLarge,
     Unavailable,
@@ -26,6 +28,7 @@ from .errors import (
 )
 from .flow import App
 from .state import ExecutionState, Status, fold
+from .timers import ManualClock
 
 __all__ = [
     "AlreadyResumed",
@@ -36,11 +39,14 @@ __all__ = [
     "Engine",
     "EvflowError",
     "ExecutionState",
+    "Expired",
     "Finished",
     "InvalidInput",
     "InvalidJson",
+    "ManualClock",
     "NondeterminismError",
     "NotPaused",
+    "PauseTimedOut",
     "Status",
     "StepError",
     "TooLarge",

@@ -23,7 +23,7 @@ from rich.table import Table
 from .client import DEFAULT_URL, Client
 from .errors import EvflowError
 from .flow import App
-from .messages import Completed, Failed, Paused, Settled, Waiting
+from .messages import Cancelled, Completed, Failed, Paused, Settled, Waiting
 from .nats_server import NatsServer
 from .server import Server
 from .store import store_path
@@ -328,6 +328,23 @@ def resume(
 
 
 @main.command()
+@click.argument("flow")
+@click.argument("execution_id")
+@click.option("--reason", help="Why; kept in the execution's history.")
+@click.option("--idempotency-key", help="Makes a repeat of this cancel return the first reply.")
+@nats_option
+def cancel(
+    flow: str, execution_id: str, reason: str | None, idempotency_key: str | None, nats_url: str
+) -> None:
+    """End a paused, waiting or running execution as cancelled."""
+    reply = _call(
+        nats_url,
+        lambda c: c.cancel(flow, execution_id, reason, idempotency_key=idempotency_key),
+    )
+    _print_reply(reply)
+
+
+@main.command()
 @click.argument("execution_id")
 @click.option("--json", "as_json", is_flag=True, help="Print the state as JSON.")
 @nats_option
@@ -435,6 +452,8 @@ def _print_reply(reply: Settled) -> None:
         out.print(f"  pause '{reply.pause}' shows {_text(reply.inputs)}")
         out.print(f"  it awaits {_text(reply.output_schema.get('properties', {}))}")
         outputs = " ".join(f"--output {name}=..." for name in reply.outputs)
+        if reply.deadline is not None:
+            out.print(f"  it expires at {reply.deadline.isoformat()}")
         out.print(
             f"  resume with: evflow resume {reply.flow} {reply.execution_id} {outputs}",
             highlight=False,
@@ -445,6 +464,8 @@ def _print_reply(reply: Settled) -> None:
         out.print(f"  error {reply.error.type}: {reply.error.message}")
     elif isinstance(reply, Waiting):
         out.print(f"  wakes at {reply.wake_at.isoformat()}")
+    elif isinstance(reply, Cancelled) and reply.reason is not None:
+        out.print(f"  reason {reply.reason}")
 
 
 def _text(value: Any) -> str:

@@ -6,7 +6,9 @@ Error replies come back as the same exception classes the engine raised (see
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
+from contextlib import suppress
 from typing import Any
 
 import msgspec
@@ -31,6 +33,8 @@ from .messages import (
 )
 from .state import ExecutionState
 from .subjects import Subjects
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 
@@ -66,9 +70,19 @@ class Client:
         return client
 
     async def close(self) -> None:
-        """Close the connection if this client opened it."""
-        if self._owns_connection:
+        """Close the connection if this client opened it.
+
+        A connection that is reconnecting or lost cannot drain; it is closed as it is, so
+        closing never hides the error that made the caller give up.
+        """
+        if not self._owns_connection or self.nc.is_closed:
+            return
+        try:
             await self.nc.drain()
+        except Exception as error:
+            logger.debug("the NATS connection did not drain (%s); closing it", error)
+            with suppress(Exception):
+                await self.nc.close()
 
     async def __aenter__(self) -> Client:
         return self
@@ -101,6 +115,20 @@ class Client:
         msg = await self.request(self.subjects.resume(flow, execution_id), body, headers)
         return reply_decoder.decode(msg.data)
 
+    async def cancel(
+        self,
+        flow: str,
+        execution_id: str,
+        reason: str | None = None,
+        *,
+        idempotency_key: str | None = None,
+    ) -> Settled:
+        """End an execution that is not finished as cancelled; returns its final state."""
+        body = msgspec.json.encode({"reason": reason} if reason is not None else {})
+        subject = self.subjects.cancel(flow, execution_id)
+        msg = await self.request(subject, body, _headers(idempotency_key))
+        return reply_decoder.decode(msg.data)
+
     async def publish_invoke(
         self, flow: str, inputs: dict[str, Any] | None = None, *, idempotency_key: str | None = None
     ) -> int:
@@ -129,6 +157,19 @@ class Client:
             headers[PAUSE_HEADER] = str(pause)
         subject = self.subjects.durable_resume(flow, execution_id)
         return await self._publish(subject, outputs, headers)
+
+    async def publish_cancel(
+        self,
+        flow: str,
+        execution_id: str,
+        reason: str | None = None,
+        *,
+        idempotency_key: str | None = None,
+    ) -> int:
+        """Publish a cancel for durable intake; returns its sequence in the commands stream."""
+        subject = self.subjects.durable_cancel(flow, execution_id)
+        body = {"reason": reason} if reason is not None else {}
+        return await self._publish(subject, body, _headers(idempotency_key, msg_id=True))
 
     async def _publish(self, subject: str, fields: Any, headers: dict[str, str]) -> int:
         body = msgspec.json.encode(fields or {})

@@ -1,4 +1,4 @@
-"""Commands: what an invoke or a resume asks, read from its subject, headers and body.
+"""Commands: what an invoke, a resume or a cancel asks, read from its subject, headers and body.
 
 Requests (``service``) and durable intake (``intake``) carry the same commands in different
 envelopes. Both read and run them here, so the same input is refused with the same error
@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import msgspec
 
+from . import fields
 from .engine import Engine
 from .errors import InvalidInput, InvalidJson, TooLarge
 from .state import ExecutionState
@@ -42,7 +43,23 @@ class Resume(msgspec.Struct, frozen=True):
     pause: int | None = None
 
 
-Command = Invoke | Resume
+class Cancel(msgspec.Struct, frozen=True):
+    """End an execution as cancelled, with an optional ``reason``."""
+
+    flow: str
+    execution_id: str
+    reason: str | None = None
+    idempotency_key: str | None = None
+
+
+class CancelBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The body of a cancel: why, optionally."""
+
+    reason: str | None = None
+    """Why the execution is cancelled, kept in its ``ExecutionCancelled`` event."""
+
+
+Command = Invoke | Resume | Cancel
 
 
 def parse(
@@ -65,17 +82,23 @@ def parse(
             key = _key(headers, execution_id) or default_key
             pause = _pause(headers, execution_id)
             return Resume(flow, execution_id, _object(body, execution_id), key, pause)
+        case ["flo", flow, "cancel", execution_id]:
+            key = _key(headers, execution_id) or default_key
+            what = f"cancel of execution {execution_id}"
+            reason = fields.decode(_object(body, execution_id), CancelBody, what, execution_id)
+            return Cancel(flow, execution_id, reason.reason, key)
     raise InvalidInput(
-        f"'{'.'.join(tokens)}' is not a command subject; send flo.<flow>.invoke or "
-        "flo.<flow>.resume.<execution_id> after the prefix",
+        f"'{'.'.join(tokens)}' is not a command subject; send flo.<flow>.invoke, "
+        "flo.<flow>.resume.<execution_id> or flo.<flow>.cancel.<execution_id> after the "
+        "prefix",
         execution_id=execution_id,
         field="subject",
     )
 
 
 def named_execution(tokens: list[str]) -> str | None:
-    """The execution a command subject names (a resume's), if any."""
-    if len(tokens) == 4 and tokens[0] == "flo" and tokens[2] == "resume":
+    """The execution a command subject names (a resume's or a cancel's), if any."""
+    if len(tokens) == 4 and tokens[0] == "flo" and tokens[2] in ("resume", "cancel"):
         return tokens[3]
     return None
 
@@ -92,6 +115,10 @@ async def run(engine: Engine, command: Command) -> ExecutionState:
                 command.body,
                 command.idempotency_key,
                 command.pause,
+            )
+        case Cancel():
+            return await engine.cancel(
+                command.flow, command.execution_id, command.reason, command.idempotency_key
             )
 
 

@@ -1,9 +1,8 @@
-"""The engine: turns commands into appended events and answers with where things settled.
+"""The engine: the commands (invoke, resume, cancel), the queries, timers and recovery.
 
-Commands on one execution are serialised in this process by a lock per execution; across
-processes the log's version check decides, and the loser re-reads. Every answer is the
-folded state at a settle point, computed from the log, so a repeated command with the same
-idempotency key gets exactly the answer the first one got.
+Each command is admitted against the state it finds (``admission``), then run by the
+``Driver`` to a settle point, which is the answer. A command with an idempotency key that
+was seen before is answered with the first one's outcome, read from the log.
 """
 
 from __future__ import annotations
@@ -11,29 +10,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from functools import partial
+from collections.abc import Callable
 
-from . import fields
+from . import admission, fields
+from .driver import Driver, settled
 from .errors import (
-    AlreadyResumed,
     ConcurrencyError,
     Conflict,
     DuplicateCommand,
     EvflowError,
-    Finished,
-    NondeterminismError,
-    NotPaused,
     UnknownExecution,
-    UnknownFlow,
 )
-from .events import SETTLING, Event, ExecutionResumed, ExecutionStarted, StoredEvent
-from .flow import App, FlowDef
-from .runtime import Runner, Suspended
-from .state import ExecutionState, Status, fold
-from .store import EventStore, invoke_scope, resume_scope
-from .timers import Clock, SystemClock
+from .events import (
+    ExecutionCancelled,
+    ExecutionStarted,
+    PauseExpired,
+    StoredEvent,
+    TimerFired,
+)
+from .flow import App
+from .state import ExecutionState, fold
+from .store import EventStore, cancel_scope, invoke_scope, resume_scope
+from .timers import Clock, Scheduler, SystemClock, Timer, pending_timer
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +60,20 @@ class Engine:
         self.store = store
         self.clock = clock or SystemClock()
         self._notify = notify or (lambda flow, events: None)
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._holders: dict[str, int] = {}
+        self._driver = Driver(app, store, self.clock, self._appended)
+        self.timers = Scheduler(self.clock, self.fire)
+        """Every pending timer of the log; fires them once ``start`` has been called."""
+
+    async def start(self) -> None:
+        """Load the pending timers from the log and fire them as they fall due; those whose
+        due time passed while no engine ran fire at once, earliest first."""
+        self.timers.add_all(await self.store.pending_timers())
+        self.timers.start()
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop firing timers; a firing still under way after ``timeout`` s is dropped (its
+        timer fires again on the next start, or its execution is driven on then)."""
+        await self.timers.stop(timeout)
 
     async def invoke(
         self, flow_name: str, body: bytes, idempotency_key: str | None = None
@@ -74,17 +84,17 @@ class Engine:
         if idempotency_key is not None:
             first = await self.store.find_command(invoke_scope(flow.name, idempotency_key))
             if first is not None:
-                return await self._outcome_of(first)
+                return await self._driver.outcome_of(first)
 
         execution_id = uuid.uuid4().hex
         started = ExecutionStarted(flow.name, inputs, flow.version, idempotency_key)
         try:
-            async with self._exclusive(execution_id):
-                return await self._run(flow, execution_id, [], [started])
+            async with self._driver.exclusive(execution_id):
+                return await self._driver.run(flow, execution_id, [], [started])
         except DuplicateCommand:
             first = await self.store.find_command(invoke_scope(flow.name, idempotency_key or ""))
             assert first is not None, "a claimed idempotency scope must be found again"
-            return await self._outcome_of(first)
+            return await self._driver.outcome_of(first)
 
     async def resume(
         self,
@@ -108,21 +118,26 @@ class Engine:
         # progress: a resume sent while the flow runs is refused, never queued to answer a
         # pause its sender has not seen.
         try:
-            state = _of_flow(fold(await self.store.read(execution_id)), flow_name, execution_id)
-            _check_resumable(state, pause)
+            history = await self.store.read(execution_id)
+            state = admission.of_flow(fold(history), flow_name, execution_id)
+            admission.check_resumable(state, pause)
             assert state.pause is not None
             pause = state.pause.sequence
 
-            async with self._exclusive(execution_id):
+            async with self._driver.exclusive(execution_id):
                 history = await self.store.read(execution_id)
-                state = _of_flow(fold(history), flow_name, execution_id)
-                _check_resumable(state, pause)
-                flow = self._flow_for(state)
+                state = admission.of_flow(fold(history), flow_name, execution_id)
+                admission.check_resumable(state, pause)
+                if admission.past_deadline(state, self.clock):
+                    await self._expire_held(state)
+                flow = self._driver.flow_for(state)
                 try:
-                    return await self._answer(flow, history, state, body, idempotency_key)
+                    return await self._driver.answer(flow, history, state, body, idempotency_key)
                 except ConcurrencyError:
-                    # Another process wrote first: say where the execution stands now.
-                    _check_resumable(_settled(await self.store.read(execution_id)), pause)
+                    # Another writer was first (a deadline, another engine): say where the
+                    # execution stands now.
+                    latest = settled(await self.store.read(execution_id))
+                    admission.check_resumable(latest, pause)
                     raise
         except (Conflict, DuplicateCommand):
             # A twin with the same key may have answered the pause first: its outcome is ours.
@@ -131,16 +146,131 @@ class Engine:
                 raise
             return repeat
 
+    async def _expire_held(self, state: ExecutionState) -> None:
+        """Record the expiry of a pause whose deadline passed, drive the flow on, and refuse
+        the resume that found it so, as expired (the execution's lock is held)."""
+        assert state.pause is not None and state.pause.deadline is not None
+        pause = state.pause.sequence
+        timer = Timer(
+            state.pause.deadline, state.execution_id, state.flow, state.version, pause, "deadline"
+        )
+        if await self._record_firing(timer):
+            await self._drive_on_after_timer(timer)
+        admission.check_resumable(settled(await self.store.read(state.execution_id)), pause)
+        raise ConcurrencyError(
+            f"execution {state.execution_id} changed while this engine expired its pause; "
+            "read it again",
+            execution_id=state.execution_id,
+        )
+
+    async def cancel(
+        self,
+        flow_name: str,
+        execution_id: str,
+        reason: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> ExecutionState:
+        """End an execution that is paused, waiting or running as ``cancelled``.
+
+        No flow code runs for it: the flow stops where it stood. A command in flight on the
+        execution in this engine finishes first; a finished execution is refused.
+        """
+        self.app.get(flow_name)
+        scope = cancel_scope
+        repeat = await self._repeat_of(execution_id, idempotency_key, flow_name, scope)
+        if repeat is not None:
+            return repeat
+        try:
+            async with self._driver.exclusive(execution_id):
+                return await self._cancel_held(flow_name, execution_id, reason, idempotency_key)
+        except (Conflict, DuplicateCommand):
+            repeat = await self._repeat_of(execution_id, idempotency_key, flow_name, scope)
+            if repeat is None:
+                raise
+            return repeat
+
+    async def _cancel_held(
+        self, flow_name: str, execution_id: str, reason: str | None, key: str | None
+    ) -> ExecutionState:
+        for _ in range(5):
+            history = await self.store.read(execution_id)
+            state = admission.of_flow(fold(history), flow_name, execution_id)
+            admission.check_cancellable(state)
+            event = ExecutionCancelled(reason, key)
+            cancelled = StoredEvent(execution_id, state.version + 1, self.clock.now(), event)
+            try:
+                stored = await self._driver.append(
+                    state.flow, execution_id, state.version, [cancelled]
+                )
+            except ConcurrencyError:  # a timer fired, or another engine wrote: look again
+                continue
+            logger.info("execution %s of flow '%s' cancelled", execution_id, state.flow)
+            return settled(history + stored)
+        raise ConcurrencyError(
+            f"execution {execution_id} kept changing while this engine cancelled it; send the "
+            "cancel again",
+            execution_id=execution_id,
+        )
+
+    async def fire(self, timer: Timer) -> None:
+        """Record that a timer fired, then drive its execution on.
+
+        The firing is appended at the version that started the timer, so it lands once
+        whoever else fires it or resumes or cancels the execution meanwhile: a timer whose
+        execution has moved on changes nothing. The scheduler calls this.
+        """
+        if await self._record_firing(timer):
+            async with self._driver.exclusive(timer.execution_id):
+                await self._drive_on_after_timer(timer)
+
+    async def _drive_on_after_timer(self, timer: Timer) -> None:
+        """Run the flow on from a recorded firing; a failure leaves it for the next start."""
+        try:
+            await self._driver.drive_on(timer.execution_id)
+        except ConcurrencyError:
+            logger.info("execution %s was driven on by another engine", timer.execution_id)
+        except EvflowError as error:
+            logger.error(
+                "execution %s could not go on after its %s timer: %s",
+                timer.execution_id,
+                timer.kind,
+                error,
+            )
+
+    async def _record_firing(self, timer: Timer) -> bool:
+        """Append a timer's firing; False when the execution moved on without it."""
+        event = TimerFired(timer.sequence) if timer.kind == "wait" else PauseExpired(timer.sequence)
+        fired = StoredEvent(timer.execution_id, timer.version + 1, self.clock.now(), event)
+        try:
+            await self._driver.append(timer.flow, timer.execution_id, timer.version, [fired])
+        except ConcurrencyError:
+            logger.debug("the timer of execution %s was overtaken", timer.execution_id)
+            return False
+        return True
+
+    def _appended(self, flow: str, events: list[StoredEvent]) -> None:
+        """After every durable append: keep the scheduler in step, then notify."""
+        timer = pending_timer(flow, events[-1])
+        if timer is not None:
+            self.timers.add(timer)
+        else:
+            self.timers.forget(events[-1].execution_id)
+        self._notify(flow, events)
+
     async def _repeat_of(
-        self, execution_id: str, idempotency_key: str | None, flow_name: str
+        self,
+        execution_id: str,
+        idempotency_key: str | None,
+        flow_name: str,
+        scope: Callable[[str, str], str] = resume_scope,
     ) -> ExecutionState | None:
-        """The outcome of an earlier resume with this key, if there was one."""
+        """The outcome of an earlier command on the execution with this key, if any."""
         if idempotency_key is None:
             return None
-        first = await self.store.find_command(resume_scope(execution_id, idempotency_key))
+        first = await self.store.find_command(scope(execution_id, idempotency_key))
         if first is None:
             return None
-        return _of_flow(await self._outcome_of(first), flow_name, execution_id)
+        return admission.of_flow(await self._driver.outcome_of(first), flow_name, execution_id)
 
     async def get(self, execution_id: str, at_version: int | None = None) -> ExecutionState:
         """The folded state of an execution."""
@@ -174,8 +304,8 @@ class Engine:
         async def drive(execution_id: str) -> bool:
             async with slots:
                 try:
-                    async with self._exclusive(execution_id):
-                        await self._drive_on(execution_id)
+                    async with self._driver.exclusive(execution_id):
+                        await self._driver.drive_on(execution_id)
                     return True
                 except ConcurrencyError:
                     logger.info("execution %s was driven on by another engine", execution_id)
@@ -185,227 +315,3 @@ class Engine:
 
         outcomes = await asyncio.gather(*(drive(e) for e in await self.store.unsettled()))
         return sum(outcomes)
-
-    async def _answer(
-        self,
-        flow: FlowDef,
-        history: list[StoredEvent],
-        state: ExecutionState,
-        body: bytes,
-        idempotency_key: str | None,
-    ) -> ExecutionState:
-        assert state.pause is not None
-        runner = self._runner(flow, state.execution_id, history, [])
-        try:
-            # Replay to the pending pause: the code there declares the resume body's type.
-            outcome = await runner.start()
-            if not isinstance(outcome, Suspended) or outcome.sequence != state.pause.sequence:
-                raise _diverged(state, outcome)
-            what = f"resume of execution {state.execution_id} (pause '{outcome.name}')"
-            answer = fields.decode(body, outcome.kind, what, state.execution_id)
-
-            # Record the answer and run on to the next settle point.
-            resumed = ExecutionResumed(
-                outcome.sequence, fields.to_builtins(answer), idempotency_key
-            )
-            await runner.answer(resumed)
-            await runner.flush()
-        except ConcurrencyError:
-            return await self._applied_anyway(runner)
-        finally:
-            await runner.close()
-        return _settled(history + runner.stored)
-
-    async def _run(
-        self, flow: FlowDef, execution_id: str, history: list[StoredEvent], new: list[Event]
-    ) -> ExecutionState:
-        """Run an execution from its history (plus ``new`` events) to a settle point."""
-        runner = self._runner(flow, execution_id, history, new)
-        try:
-            await runner.start()
-            await runner.flush()
-        except ConcurrencyError:
-            return await self._applied_anyway(runner)
-        finally:
-            await runner.close()
-        return _settled(history + runner.stored)
-
-    async def _applied_anyway(self, runner: Runner) -> ExecutionState:
-        """After a version clash: if the command's first events had landed, it was applied.
-
-        Another engine on the same log then drove the execution on (its recovery, say), so
-        the answer is where the execution settled after those events. If nothing of ours
-        landed, the clash is the caller's to judge: it is raised again.
-        """
-        if not runner.stored:
-            raise ConcurrencyError(
-                f"execution {runner.execution_id} changed while this engine ran it; read it again",
-                execution_id=runner.execution_id,
-            )
-        return await self._outcome_held(runner.stored[0])
-
-    async def _drive_on(self, execution_id: str) -> ExecutionState:
-        """Bring an execution that is not at a settle point to one."""
-        history = await self.store.read(execution_id)
-        state = fold(history)
-        assert state is not None
-        if state.status is not Status.RUNNING:
-            return state
-        logger.info("driving on execution %s of flow '%s'", execution_id, state.flow)
-        return await self._run(self._flow_for(state), execution_id, history, [])
-
-    async def _outcome_of(self, command: StoredEvent) -> ExecutionState:
-        """The answer a command got: the state at the first settle point after it."""
-        async with self._exclusive(command.execution_id):
-            return await self._outcome_held(command)
-
-    async def _outcome_held(self, command: StoredEvent, attempts: int = 5) -> ExecutionState:
-        """``_outcome_of`` with the execution's lock held.
-
-        With no settle point after the command yet (a crash cut its run short), this drives
-        the execution on. Another engine on the same log may be driving it at that moment;
-        its appends win the version check, and the answer is read again.
-        """
-        for _ in range(attempts):
-            history = await self.store.read(command.execution_id)
-            for stored in history[command.version - 1 :]:
-                if isinstance(stored.event, SETTLING):
-                    return _settled(history[: stored.version])
-            try:
-                await self._drive_on(command.execution_id)
-            except ConcurrencyError:
-                logger.debug("execution %s moved on; reading it again", command.execution_id)
-        raise ConcurrencyError(
-            f"execution {command.execution_id} kept changing under this engine while it "
-            "read the outcome of a command; send the command again with the same key",
-            execution_id=command.execution_id,
-        )
-
-    def _flow_for(self, state: ExecutionState) -> FlowDef:
-        flow = self.app.flows.get(state.flow)
-        if flow is None:
-            raise UnknownFlow(
-                f"execution {state.execution_id} belongs to flow '{state.flow}', which this "
-                "engine does not serve; serve the app that registers it",
-                execution_id=state.execution_id,
-            )
-        if flow.version != state.flow_version:
-            raise UnknownFlow(
-                f"execution {state.execution_id} started on version {state.flow_version} of "
-                f"flow '{state.flow}', but this engine serves version {flow.version}; serve "
-                f"version {state.flow_version} beside it to finish the execution",
-                execution_id=state.execution_id,
-            )
-        return flow
-
-    def _runner(
-        self, flow: FlowDef, execution_id: str, history: list[StoredEvent], new: list[Event]
-    ) -> Runner:
-        persist = partial(self._append, flow.name)
-        return Runner(flow, execution_id, history, new, self.clock, persist)
-
-    async def _append(
-        self, flow: str, execution_id: str, expected: int, events: list[StoredEvent]
-    ) -> list[StoredEvent]:
-        if not events:
-            await self._confirm(execution_id, expected)
-            return []
-        stored = await self.store.append(execution_id, expected, events)
-        logger.debug(
-            "appended %s to execution %s",
-            ", ".join(type(s.event).__name__ for s in stored),
-            execution_id,
-            extra={"execution_id": execution_id, "flow": flow, "version": stored[-1].version},
-        )
-        self._notify(flow, stored)
-        return stored
-
-    async def _confirm(self, execution_id: str, expected: int) -> None:
-        """Raise ``ConcurrencyError`` if the execution moved past ``expected`` meanwhile."""
-        latest = await self.store.read(execution_id, expected + 1)
-        if len(latest) > expected:
-            raise ConcurrencyError(
-                f"execution {execution_id} is past version {expected}: another engine drove "
-                "it on; re-read it",
-                execution_id=execution_id,
-                version=latest[-1].version,
-            )
-
-    @asynccontextmanager
-    async def _exclusive(self, execution_id: str) -> AsyncIterator[None]:
-        """Hold the execution's lock: one command at a time per execution in this process."""
-        lock = self._locks.setdefault(execution_id, asyncio.Lock())
-        self._holders[execution_id] = self._holders.get(execution_id, 0) + 1
-        try:
-            async with lock:
-                yield
-        finally:
-            self._holders[execution_id] -= 1
-            if not self._holders[execution_id]:
-                del self._holders[execution_id], self._locks[execution_id]
-
-
-def _settled(history: list[StoredEvent]) -> ExecutionState:
-    state = fold(history)
-    assert state is not None
-    return state
-
-
-def _check_resumable(state: ExecutionState, pause: int | None) -> None:
-    """Refuse a resume the execution cannot take, saying where it stands."""
-    where = {"status": state.status.value, "version": state.version}
-    execution_id = state.execution_id
-    if pause is not None and pause in state.answered:
-        raise AlreadyResumed(
-            f"pause {pause} of execution {execution_id} was already answered; the execution "
-            f"is now {state.status.value}",
-            execution_id=execution_id,
-            **where,
-        )
-    if state.status.finished:
-        raise Finished(
-            f"execution {execution_id} is {state.status.value}; nothing is left to resume",
-            execution_id=execution_id,
-            **where,
-        )
-    if state.status is not Status.PAUSED or state.pause is None:
-        raise NotPaused(
-            f"execution {execution_id} is {state.status.value}, not paused; resume it once it "
-            "reports a pause",
-            execution_id=execution_id,
-            **where,
-        )
-    if pause is not None and pause != state.pause.sequence:
-        raise NotPaused(
-            f"execution {execution_id} waits at pause {state.pause.sequence}, not at pause "
-            f"{pause}; answer pause {state.pause.sequence}",
-            execution_id=execution_id,
-            **where,
-        )
-
-
-def _diverged(state: ExecutionState, outcome: object) -> NondeterminismError:
-    assert state.pause is not None
-    where = (
-        f"pause '{outcome.name}' at {outcome.sequence}"
-        if isinstance(outcome, Suspended)
-        else "the end of the flow"
-    )
-    return NondeterminismError(
-        f"execution {state.execution_id}: the history waits at pause '{state.pause.name}' "
-        f"(operation {state.pause.sequence}) but the flow code reached {where}; the flow "
-        "code changed since the execution started: restore the old code",
-        execution_id=state.execution_id,
-        sequence=state.pause.sequence,
-    )
-
-
-def _of_flow(state: ExecutionState | None, flow_name: str, execution_id: str) -> ExecutionState:
-    """The state, if it is an execution of ``flow_name``: a subject names both, and both count."""
-    if state is None or state.flow != flow_name:
-        raise UnknownExecution(
-            f"no execution {execution_id} of flow '{flow_name}'; check the execution ID "
-            "and the flow name in the subject",
-            execution_id=execution_id,
-        )
-    return state

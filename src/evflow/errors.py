@@ -11,13 +11,15 @@ The tree::
     ├── Conflict                    409; carries the execution's status and version
     │   ├── NotPaused               409 not_paused
     │   ├── AlreadyResumed          409 already_resumed
+    │   ├── Expired                 409 expired: the pause timed out before the resume came
     │   └── Finished                409 finished
     ├── NondeterminismError         500 nondeterminism: flow code diverged from its history
     ├── ConcurrencyError            500 concurrency: another writer appended first
     ├── StoreError                  500 store: the log cannot be read or written
     ├── InternalError               500 internal: anything unexpected (details are logged)
     ├── Unavailable                 503 unavailable: NATS or the engine cannot be reached
-    └── StepError                   raised inside a flow when a step's function failed
+    ├── StepError                   raised inside a flow when a step's function failed
+    └── PauseTimedOut               raised inside a flow when a pause's deadline passed
 
 The same classes travel over the wire: the service encodes one as an error reply and the
 client decodes it back into the same class, so callers branch on the type or on ``code``.
@@ -25,6 +27,7 @@ client decodes it back into the same class, so callers branch on the type or on 
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, ClassVar
 
 
@@ -126,6 +129,12 @@ class AlreadyResumed(Conflict):
     code = "already_resumed"
 
 
+class Expired(Conflict):
+    """The pause the resume answers timed out before the resume arrived."""
+
+    code = "expired"
+
+
 class Finished(Conflict):
     """The execution completed, failed or was cancelled."""
 
@@ -186,6 +195,27 @@ class StepError(EvflowError):
         self.error_message = message
 
 
+class PauseTimedOut(EvflowError):
+    """Raised inside a flow when a pause got no answer before its deadline.
+
+    A flow may catch it and carry on (escalate, remind, give up). A pause given a
+    ``default`` returns that instead of raising. The same exception is raised live and on
+    every replay.
+    """
+
+    code = "pause_timed_out"
+
+    def __init__(self, pause: str, sequence: int, deadline: datetime, execution_id: str):
+        super().__init__(
+            f"pause '{pause}' (operation {sequence}) of execution {execution_id} got no "
+            f"answer by its deadline {deadline.isoformat()}",
+            execution_id=execution_id,
+        )
+        self.pause = pause
+        self.sequence = sequence
+        self.deadline = deadline
+
+
 _BY_CODE: dict[str, type[EvflowError]] = {
     cls.code: cls
     for cls in (
@@ -196,6 +226,7 @@ _BY_CODE: dict[str, type[EvflowError]] = {
         UnknownExecution,
         NotPaused,
         AlreadyResumed,
+        Expired,
         Finished,
         NondeterminismError,
         ConcurrencyError,

@@ -50,6 +50,22 @@ class ExecutionPaused(Event, frozen=True):
     """Fields the resume must carry: name to type."""
     output_schema: dict[str, Any]
     """JSON Schema of the resume body."""
+    deadline: datetime | None = None
+    """When the pause expires unanswered (UTC); None when it waits for ever."""
+    default: dict[str, Any] | None = None
+    """Outputs the pause returns when it expires; None: the flow sees ``PauseTimedOut``."""
+
+
+class PauseExpired(Event, frozen=True):
+    """A pause's deadline passed before any resume answered it.
+
+    The flow goes on: with the pause's ``default`` as its answer if it declared one, else
+    with ``PauseTimedOut`` raised where it paused.
+    """
+
+    kind: ClassVar[str] = "expired"
+    sequence: int
+    """Sequence of the pause that expired."""
 
 
 class ExecutionResumed(Event, frozen=True):
@@ -88,7 +104,9 @@ class TimerStarted(Event, frozen=True):
 
     kind: ClassVar[str] = "waiting"
     sequence: int
+    """Position of the wait among the flow's operations."""
     wake_at: datetime
+    """When the timer fires (UTC)."""
 
 
 class TimerFired(Event, frozen=True):
@@ -96,6 +114,7 @@ class TimerFired(Event, frozen=True):
 
     kind: ClassVar[str] = "woken"
     sequence: int
+    """Sequence of the wait that ended."""
 
 
 class ExecutionCompleted(Event, frozen=True):
@@ -118,12 +137,16 @@ class ExecutionCancelled(Event, frozen=True):
 
     kind: ClassVar[str] = "cancelled"
     reason: str | None = None
+    """Why, if the canceller said."""
+    idempotency_key: str | None = None
+    """The cancel's Idempotency-Key header, if any."""
 
 
 AnyEvent = (
     ExecutionStarted
     | ExecutionPaused
     | ExecutionResumed
+    | PauseExpired
     | StepCompleted
     | StepFailed
     | TimerStarted

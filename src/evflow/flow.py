@@ -18,7 +18,7 @@ from .errors import UnknownFlow
 
 FlowFunction = Callable[..., Awaitable[Any]]
 
-_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
 class FlowDef(msgspec.Struct, frozen=True):
@@ -65,8 +65,8 @@ class App:
     def _check(self, name: str, fn: FlowFunction) -> None:
         if not _NAME.match(name):
             raise ValueError(
-                f"flow name '{name}' must be letters, digits, '-' or '_' only, because it is "
-                "a token of NATS subjects"
+                f"flow name '{name}' must be 1 to 128 letters, digits, '-' or '_', because it "
+                "is a token of NATS subjects"
             )
         if name in self.flows:
             raise ValueError(f"flow '{name}' is registered twice; give each flow its own name")

@@ -43,6 +43,8 @@ class Paused(Reply, frozen=True, tag="paused"):
     """JSON Schema of the resume body."""
     resume_subject: str
     """Where to send the resume."""
+    deadline: datetime | None = None
+    """When the pause expires unanswered (RFC 3339, UTC); null when it never does."""
 
 
 class Completed(Reply, frozen=True, tag="completed"):
@@ -119,6 +121,8 @@ class Notification(msgspec.Struct, frozen=True, omit_defaults=True):
     """JSON Schema of the resume body that answers a pause."""
     resume_subject: str | None = None
     """Where to send that resume."""
+    deadline: datetime | None = None
+    """When a pause expires unanswered, if it does."""
     oversized: bool = False
     """The event did not fit in one NATS message and is left out; the log holds it."""
 
@@ -159,6 +163,7 @@ def settle_reply(state: ExecutionState, subjects: Subjects) -> Settled:
                 outputs=list(pause.outputs),
                 output_schema=pause.output_schema,
                 resume_subject=subjects.resume(state.flow, state.execution_id),
+                deadline=pause.deadline,
             )
         case Status.COMPLETED:
             return Completed(**common, result=state.result)
@@ -190,6 +195,7 @@ def notification(flow: str, stored: StoredEvent, subjects: Subjects) -> Notifica
             "outputs": list(event.outputs),
             "output_schema": event.output_schema,
             "resume_subject": subjects.resume(flow, stored.execution_id),
+            "deadline": event.deadline,
         }
     return Notification(
         kind=event.kind,

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 
 import msgspec
 
 from . import fields
-from .context import Context
+from .context import Context, Sleeping, Suspended
 from .errors import EvflowError, NondeterminismError
 from .events import (
     Event,
@@ -32,19 +33,11 @@ Persist = Callable[[str, int, list[StoredEvent]], Awaitable[list[StoredEvent]]]
 events, it only confirms that the execution is still at that version."""
 
 
-class Suspended(msgspec.Struct, frozen=True):
-    """The flow waits at a pause for a resume."""
-
-    sequence: int
-    name: str
-    kind: type[msgspec.Struct]
-
-
 class Ended(msgspec.Struct, frozen=True):
     """The flow returned or raised; its last event is recorded."""
 
 
-Outcome = Suspended | Ended
+Outcome = Suspended | Sleeping | Ended
 
 
 class _Aborted(BaseException):
@@ -89,10 +82,14 @@ class Runner:
         self._error: EvflowError | None = None
         self._closed = False
 
-    def record(self, event: Event) -> StoredEvent:
+    def now(self) -> datetime:
+        """The engine clock's current instant, for decisions about time (deadlines)."""
+        return self._clock.now()
+
+    def record(self, event: Event, at: datetime | None = None) -> StoredEvent:
         """Add a new event to the pending ones, stamped with the next version and the time."""
         self.version += 1
-        stored = StoredEvent(self.execution_id, self.version, self._clock.now(), event)
+        stored = StoredEvent(self.execution_id, self.version, at or self._clock.now(), event)
         self.pending.append(stored)
         return stored
 
@@ -146,10 +143,12 @@ class Runner:
         self._answer.set_result(stored)
         return await self._settled()
 
-    async def suspend(self, sequence: int, name: str, kind: type[msgspec.Struct]) -> StoredEvent:
-        """Called by the context at a pause with no recorded answer: wait for one."""
+    async def suspend(self, outcome: Suspended | Sleeping) -> StoredEvent:
+        """Called by the context where the flow waits for the outside world: a pause with
+        no recorded answer, or a timer not yet fired. Settles the run there; only a pause
+        is ever answered in this run (a timer's firing is recorded first, then replayed)."""
         self._answer = asyncio.get_running_loop().create_future()
-        self._signal_once(Suspended(sequence, name, kind))
+        self._signal_once(outcome)
         return await self._answer
 
     async def close(self) -> None:

@@ -65,7 +65,8 @@ class Server:
         self._service: EvflowService | None = None
 
     async def start(self) -> None:
-        """Open the log, connect, drive on interrupted executions, then take commands."""
+        """Open the log, connect, drive on interrupted executions, start the timers, then
+        take commands."""
         spec = self._store_spec
         self.store = await open_store(spec) if isinstance(spec, str) else spec
         self.nc = await self._connect()
@@ -78,6 +79,7 @@ class Server:
         self.engine = Engine(self.app, self.store, self._clock, self.outbox)
         recovered = await self.engine.recover()
         logger.info("recovered %d interrupted executions", recovered)
+        await self.engine.start()
 
         # Only now take commands: requests first, then what waits in the commands stream.
         self._service = EvflowService(self.nc, self.engine, self.subjects)
@@ -101,9 +103,10 @@ class Server:
         timeout = self.shutdown_timeout
         try:
             await _quietly(
-                "stopping the command intake",
+                "stopping the command intake and the timers",
                 self._service.stop(timeout) if self._service else None,
                 self.intake.stop(timeout) if self.intake else None,
+                self.engine.stop(timeout) if self.engine else None,
             )
             outbox = self.outbox.close(timeout) if self.outbox else None
             await _quietly("draining the outbox", outbox)

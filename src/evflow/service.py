@@ -68,6 +68,7 @@ class EvflowService:
         endpoints: dict[str, tuple[str, Callable[[Request], Awaitable[Answer]]]] = {
             "invoke": (f"{prefix}.flo.*.invoke", self._command),
             "resume": (f"{prefix}.flo.*.resume.*", self._command),
+            "cancel": (f"{prefix}.flo.*.cancel.*", self._command),
             "get": (f"{prefix}.executions.get.*", self._get),
             "history": (f"{prefix}.executions.history.*", self._history),
         }

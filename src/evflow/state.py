@@ -20,6 +20,7 @@ from .events import (
     ExecutionPaused,
     ExecutionResumed,
     ExecutionStarted,
+    PauseExpired,
     StepCompleted,
     StepFailed,
     StoredEvent,
@@ -44,7 +45,7 @@ class Status(StrEnum):
         return self in (Status.COMPLETED, Status.FAILED, Status.CANCELLED)
 
 
-class PendingPause(msgspec.Struct, frozen=True):
+class PendingPause(msgspec.Struct, frozen=True, omit_defaults=True):
     """The pause an execution waits on."""
 
     sequence: int
@@ -59,6 +60,8 @@ class PendingPause(msgspec.Struct, frozen=True):
     """JSON Schema of the resume body."""
     paused_at: datetime
     """When the flow paused."""
+    deadline: datetime | None = None
+    """When the pause expires unanswered, if it ever does."""
 
 
 class ErrorInfo(msgspec.Struct, frozen=True):
@@ -101,6 +104,8 @@ class ExecutionState(msgspec.Struct, frozen=True, omit_defaults=True):
     """Why it was cancelled, once cancelled."""
     answered: tuple[int, ...] = ()
     """Sequences of the pauses already answered."""
+    expired: tuple[int, ...] = ()
+    """Sequences of the pauses that expired unanswered."""
     steps: int = 0
     """Number of steps recorded."""
 
@@ -156,11 +161,15 @@ def _transition(state: ExecutionState, stored: StoredEvent) -> ExecutionState:
                 outputs=paused.outputs,
                 output_schema=paused.output_schema,
                 paused_at=stored.at,
+                deadline=paused.deadline,
             )
             return replace(state, status=Status.PAUSED, pause=pause)
         case ExecutionResumed() as resumed:
             answered = (*state.answered, resumed.sequence)
             return replace(state, status=Status.RUNNING, pause=None, answered=answered)
+        case PauseExpired() as expired:
+            ended = (*state.expired, expired.sequence)
+            return replace(state, status=Status.RUNNING, pause=None, expired=ended)
         case StepCompleted() | StepFailed():
             return replace(state, steps=state.steps + 1)
         case TimerStarted() as timer:

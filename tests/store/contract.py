@@ -24,9 +24,11 @@ from evflow.events import (
     ExecutionStarted,
     StepCompleted,
     StoredEvent,
+    TimerFired,
     TimerStarted,
 )
 from evflow.store import EventStore, invoke_scope, resume_scope
+from evflow.timers import Timer
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -352,6 +354,33 @@ class StoreContract(abc.ABC):
         finally:
             stop.set()
             await asyncio.gather(*readers)
+
+    async def test_pending_timers_are_the_waits_and_deadlines_not_yet_fired(
+        self, store: EventStore
+    ):
+        """A timer is pending while the event that started it is its execution's latest."""
+        wake = T0 + timedelta(hours=1)
+        deadline = T0 + timedelta(hours=2)
+        timed_pause = ExecutionPaused(1, "offer", {}, {"ok": "bool"}, {}, deadline=deadline)
+        await store.append(
+            "waits", 0, [start("waits", "nap"), stored("waits", 2, TimerStarted(1, wake))]
+        )
+        await store.append("expires", 0, [start("expires"), stored("expires", 2, timed_pause)])
+        await store.append("forever", 0, [start("forever"), pause("forever", 2)])
+        await store.append("woke", 0, [start("woke"), stored("woke", 2, TimerStarted(1, wake))])
+        await store.append("woke", 2, [stored("woke", 3, TimerFired(1))])
+        await store.append("answered", 0, [start("answered"), stored("answered", 2, timed_pause)])
+        await store.append("answered", 2, [resume("answered", 3)])
+
+        timers = sorted(await store.pending_timers(), key=lambda t: t.execution_id)
+
+        assert timers == [
+            Timer(deadline, "expires", "approval", 2, 1, "deadline"),
+            Timer(wake, "waits", "nap", 2, 1, "wait"),
+        ]
+
+    async def test_no_timers_are_pending_in_an_empty_log(self, store: EventStore):
+        assert await store.pending_timers() == []
 
     async def test_one_clash_in_a_batch_does_not_undo_the_others(self, store: EventStore):
         """Among concurrent appends, a version clash fails alone; the rest land."""

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-from ..events import ExecutionResumed, ExecutionStarted, StoredEvent
+from ..events import ExecutionCancelled, ExecutionResumed, ExecutionStarted, StoredEvent
+from ..timers import Timer
 
 
 class EventStore(Protocol):
@@ -46,6 +47,10 @@ class EventStore(Protocol):
     async def unsettled(self) -> list[str]:
         """Executions whose last event leaves them running: the engine must drive them on."""
 
+    async def pending_timers(self) -> list[Timer]:
+        """The timer of every execution whose latest event starts one: a wait not yet fired,
+        or a pause with a deadline not yet answered. The engine's scheduler starts from it."""
+
     async def load_checkpoint(self, name: str) -> int:
         """The global position checkpoint ``name`` was last saved at; 0 if never saved."""
 
@@ -60,14 +65,16 @@ class EventStore(Protocol):
 def idempotency_scope(stored: StoredEvent) -> str | None:
     """The unique scope an event claims in the log, from its idempotency key.
 
-    An invoke key is scoped to its flow, a resume key to its execution, so the same key
-    may be used for unrelated commands without colliding.
+    An invoke key is scoped to its flow, a resume or cancel key to its execution, so the
+    same key may be used for unrelated commands without colliding.
     """
     event = stored.event
     if isinstance(event, ExecutionStarted) and event.idempotency_key is not None:
         return invoke_scope(event.flow, event.idempotency_key)
     if isinstance(event, ExecutionResumed) and event.idempotency_key is not None:
         return resume_scope(stored.execution_id, event.idempotency_key)
+    if isinstance(event, ExecutionCancelled) and event.idempotency_key is not None:
+        return cancel_scope(stored.execution_id, event.idempotency_key)
     return None
 
 
@@ -107,6 +114,11 @@ def resume_scope(execution_id: str, key: str) -> str:
     return f"resume/{execution_id}/{key}"
 
 
+def cancel_scope(execution_id: str, key: str) -> str:
+    """Idempotency scope of a cancel of ``execution_id`` with ``key``."""
+    return f"cancel/{execution_id}/{key}"
+
+
 def store_path(url: str) -> Path:
     """The file a store URL names: ``sqlite:///PATH`` (relative) or ``sqlite:////PATH``."""
     from ..errors import StoreError
@@ -131,6 +143,7 @@ async def open_store(url: str) -> EventStore:
 
 __all__ = [
     "EventStore",
+    "cancel_scope",
     "check_append",
     "idempotency_scope",
     "invoke_scope",

@@ -21,6 +21,7 @@ import aiosqlite
 
 from ..errors import ConcurrencyError, DuplicateCommand, StoreError
 from ..events import SETTLING, StoredEvent, decode, encode
+from ..timers import Timer, pending_timer
 from . import check_append, idempotency_scope
 
 logger = logging.getLogger(__name__)
@@ -317,6 +318,28 @@ class SqliteStore:
             _SETTLING_TYPES,
         )
         return [row[0] for row in rows]
+
+    async def pending_timers(self) -> list[Timer]:
+        """The timers of executions whose latest event starts one; see ``EventStore``.
+
+        Like ``unsettled``, this scans the latest event of every execution once, at start.
+        """
+        rows = await self._query(
+            "SELECT e.execution_id, e.version, e.at, e.data, json_extract(s.data, '$.flow')"
+            " FROM events e"
+            " JOIN (SELECT execution_id, max(version) AS v FROM events GROUP BY execution_id) m"
+            " ON e.execution_id = m.execution_id AND e.version = m.v"
+            " JOIN events s ON s.execution_id = e.execution_id AND s.version = 1"
+            " WHERE e.type = 'TimerStarted' OR (e.type = 'ExecutionPaused'"
+            " AND json_extract(e.data, '$.deadline') IS NOT NULL)",
+        )
+        timers = []
+        for execution_id, version, at, data, flow in rows:
+            stored = StoredEvent(execution_id, version, datetime.fromisoformat(at), decode(data))
+            timer = pending_timer(flow, stored)
+            assert timer is not None, "the query selects only events that start a timer"
+            timers.append(timer)
+        return timers
 
     def _reader(self) -> aiosqlite.Connection:
         if self._reader_db is None:
