@@ -1,7 +1,9 @@
 """Flows the fault-injection suite serves from a real ``evflow serve`` process.
 
-The ``order`` flow runs a step, pauses, and runs another step. Each step's function leaves
-three kinds of trace in ``$EVFLOW_FAULT_DIR``:
+The ``order`` flow runs a step, pauses, and runs another step. The ``timed`` flow does the
+same around two timers: a short wait after the first step, and a pause that expires (to a
+default answer) unless a resume comes first, so kills also fall around timers firing.
+Each step's function leaves three kinds of trace in ``$EVFLOW_FAULT_DIR``:
 
 - ``runs.log``: a line per call, ``<key> <pid>``. Steps are at least once: a kill after the
   function ran and before its result was recorded runs it again on recovery.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from datetime import timedelta
 from pathlib import Path
 
 from evflow import App, Context
@@ -73,5 +76,20 @@ async def order(ctx: Context, n: int) -> dict:
     """Charge, wait for a yes or no, then ship."""
     charged = await ctx.step("charge", effect, ctx.execution_id, "charge")
     answer = await ctx.pause(inputs={"n": n}, outputs={"ok": bool})
+    shipped = await ctx.step("ship", effect, ctx.execution_id, "ship")
+    return {"n": n, "ok": answer["ok"], "charged": charged["key"], "shipped": shipped["key"]}
+
+
+@app.flow("timed")
+async def timed(ctx: Context, n: int, wait_ms: int, expire_ms: int) -> dict:
+    """Charge, wait ``wait_ms``, wait for a yes or no for at most ``expire_ms``, then ship."""
+    charged = await ctx.step("charge", effect, ctx.execution_id, "charge")
+    await ctx.wait_for(timedelta(milliseconds=wait_ms))
+    answer = await ctx.pause(
+        inputs={"n": n},
+        outputs={"ok": bool},
+        timeout=timedelta(milliseconds=expire_ms),
+        default={"ok": False},
+    )
     shipped = await ctx.step("ship", effect, ctx.execution_id, "ship")
     return {"n": n, "ok": answer["ok"], "charged": charged["key"], "shipped": shipped["key"]}

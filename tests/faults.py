@@ -30,7 +30,7 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.js import api as js_api
 
-from evflow import Client, EvflowError
+from evflow import Client, Conflict, EvflowError, Expired
 from evflow.messages import Completed, Paused
 from evflow.nats_server import NatsServer
 
@@ -123,6 +123,8 @@ class Ledger:
     """Resume key to execution ID, for resumes the commands stream acknowledged."""
     failures: Counter[str] = field(default_factory=Counter)
     """Attempts that got no acknowledgement, by error type (expected while processes die)."""
+    conflicts: Counter[str] = field(default_factory=Counter)
+    """Resumes of ``timed`` refused by where the execution stood (not paused yet, expired)."""
 
 
 class Log:
@@ -157,8 +159,14 @@ class Log:
         return rows[0][0] if rows else None
 
 
+def flow_of_key(key: str) -> str:
+    """The flow an invoke key was used on: requesters mark ``timed`` invokes with ``tm-``."""
+    return "timed" if key.startswith("tm-") else "order"
+
+
 class Load:
-    """Clients invoking and resuming ``order`` through requests and durable intake."""
+    """Clients invoking and resuming ``order`` through requests and durable intake, and
+    ``timed`` through requests."""
 
     def __init__(self, nc: NATS, log: Log, ledger: Ledger, rng: random.Random):
         self.client = Client(nc, timeout=3.0)
@@ -174,6 +182,9 @@ class Load:
 
     async def _requester(self, worker: int) -> None:
         while not self.stopping.is_set():
+            if self.rng.random() < 0.3:
+                await self._timed(worker)
+                continue
             key = f"rr-{worker}-{uuid.uuid4().hex[:12]}"
             body = {"n": self.rng.randrange(1000)}
             reply = await self._until_acked(self.client.invoke, "order", body, key)
@@ -188,6 +199,25 @@ class Load:
             )
             if resumed is not None:
                 self.ledger.resumes[f"{key}-r"] = reply.execution_id
+
+    async def _timed(self, worker: int) -> None:
+        """Invoke ``timed``, then perhaps answer its pause before the deadline does."""
+        key = f"tm-{worker}-{uuid.uuid4().hex[:12]}"
+        body = {
+            "n": self.rng.randrange(1000),
+            "wait_ms": self.rng.randrange(0, 400),
+            "expire_ms": self.rng.randrange(50, 1500),
+        }
+        reply = await self._until_acked(self.client.invoke, "timed", body, key)
+        if reply is None:
+            return
+        self.ledger.invokes[key] = reply.execution_id
+        await asyncio.sleep(self.rng.uniform(0, 0.8))
+        resumed = await self._until_acked(
+            self.client.resume, "timed", reply.execution_id, {"ok": True}, f"{key}-r"
+        )
+        if resumed is not None:
+            self.ledger.resumes[f"{key}-r"] = reply.execution_id
 
     async def _publisher(self, worker: int) -> None:
         while not self.stopping.is_set():
@@ -217,13 +247,20 @@ class Load:
         return None
 
     async def _until_acked(self, send: Any, *args: Any, attempts: int = 5) -> Any:
-        """``send(*args, idempotency_key=key)`` until acknowledged; None when it never was."""
+        """``send(*args, idempotency_key=key)`` until acknowledged; None when it never was.
+
+        A conflict (the timed flow's pause not reached yet, or expired) is an answer, not a
+        fault: it is not retried.
+        """
         *args, key = args
         for _ in range(attempts):
             if self.stopping.is_set():
                 return None
             try:
                 return await send(*args, idempotency_key=key)
+            except Conflict as refused:
+                self.ledger.conflicts[refused.code] += 1
+                return None
             except (EvflowError, nats.errors.Error, OSError, TimeoutError) as error:
                 self.ledger.failures[type(error).__name__] += 1
                 await asyncio.sleep(0.05 + self.rng.random() * 0.2)
@@ -246,6 +283,10 @@ class Report:
     step_runs: int = 0
     steps_recorded: int = 0
     steps_run_again: int = 0
+    timers_started: int = 0
+    timers_fired: int = 0
+    """Timers ended by firing (waits woken, pauses expired), not by a resume."""
+    conflicts: dict[str, int] = field(default_factory=dict)
     recorded_steps_run_again: list[str] = field(default_factory=list)
     """Step calls made although the log already held the step's result (key and pid)."""
     violations: list[str] = field(default_factory=list)
@@ -263,6 +304,9 @@ class Report:
             f"steps: {self.steps_recorded} recorded, {self.step_runs} function calls, "
             f"{self.steps_run_again} run again after a kill cut them short (at least once); "
             "keyed effects done once each",
+            f"timers: {self.timers_started} started, {self.timers_fired} fired (the rest "
+            "answered by a resume first); each ended once",
+            f"timed resumes refused by where the execution stood: {self.conflicts or 'none'}",
             f"recorded steps called again: {len(self.recorded_steps_run_again)}",
             f"violations: {len(self.violations)}",
             *(f"  {v}" for v in self.violations[:50]),
@@ -363,16 +407,39 @@ async def _finish(nc: NATS, store: Path) -> None:
 
     client = Client(nc, timeout=10.0)
     paused = await log.query(
-        "SELECT e.execution_id FROM events e JOIN (SELECT execution_id, max(version) v"
-        " FROM events GROUP BY execution_id) m ON e.execution_id = m.execution_id"
-        " AND e.version = m.v WHERE e.type = 'ExecutionPaused'"
+        "SELECT e.execution_id, json_extract(s.data, '$.flow') FROM events e"
+        " JOIN (SELECT execution_id, max(version) v FROM events GROUP BY execution_id) m"
+        " ON e.execution_id = m.execution_id AND e.version = m.v"
+        " JOIN events s ON s.execution_id = e.execution_id AND s.version = 1"
+        " WHERE e.type = 'ExecutionPaused'"
     )
-    for (execution_id,) in paused:
-        done = await client.resume(
-            "order", execution_id, {"ok": True}, idempotency_key=f"final-{execution_id}"
-        )
+    for execution_id, flow in paused:
+        try:
+            done = await client.resume(
+                flow, execution_id, {"ok": True}, idempotency_key=f"final-{execution_id}"
+            )
+        except Expired:
+            continue  # a timed pause whose deadline came first: its timer finishes it
         if not isinstance(done, Completed):
             raise HarnessError(f"execution {execution_id} did not complete: {done}")
+    await _until_timers_fired(log)
+
+
+async def _until_timers_fired(log: Log) -> None:
+    """Wait for the timers still pending to fire and their executions to complete."""
+    deadline = time.monotonic() + BOUND * 2
+    while True:
+        (open_,) = await log.query(
+            "SELECT count(*) FROM events e JOIN (SELECT execution_id, max(version) v"
+            " FROM events GROUP BY execution_id) m ON e.execution_id = m.execution_id"
+            " AND e.version = m.v WHERE e.type IN ('TimerStarted', 'ExecutionPaused',"
+            " 'TimerFired', 'PauseExpired')"
+        )
+        if open_[0] == 0:
+            return
+        if time.monotonic() > deadline:
+            raise HarnessError(f"{open_[0]} executions still wait on a timer")
+        await asyncio.sleep(0.1)
 
 
 async def check(nc: NATS, store: Path, work: Path, ledger: Ledger, report: Report) -> None:
@@ -391,13 +458,14 @@ async def check(nc: NATS, store: Path, work: Path, ledger: Ledger, report: Repor
 
     # Every acknowledged command is in the log.
     acknowledged = {
-        "invoke (request)": [f"invoke/order/{k}" for k in ledger.invokes],
+        "invoke (request)": [f"invoke/{flow_of_key(k)}/{k}" for k in ledger.invokes],
         "resume (request)": [f"resume/{e}/{k}" for k, e in ledger.resumes.items()],
         "invoke (durable)": [f"invoke/order/{k}" for k in ledger.durable_invokes],
         "resume (durable)": [f"resume/{e}/{k}" for k, e in ledger.durable_resumes.items()],
     }
     report.acknowledged = {kind: len(keys) for kind, keys in acknowledged.items()}
     report.failed_attempts = dict(ledger.failures)
+    report.conflicts = dict(ledger.conflicts)
     for kind, keys in acknowledged.items():
         problems += [f"acknowledged {kind} {key} is not in the log" for key in keys
                      if key not in scopes]  # fmt: skip
@@ -415,6 +483,10 @@ async def check(nc: NATS, store: Path, work: Path, ledger: Ledger, report: Repor
             problems.append(f"execution {execution_id} ended {events[-1][1]}, not completed")
     problems += [f"step {key} recorded {n} times" for key, n in recorded_steps.items() if n > 1]
     report.steps_recorded = len(recorded_steps)
+
+    # Every timer ended exactly once: a wait fired once; a timed pause answered or expired.
+    for execution_id, events in by_execution.items():
+        problems += _timer_problems(execution_id, events, report)
 
     # Step functions: never called once their result was recorded; effects done once each.
     violations = work / "violations.log"
@@ -437,6 +509,29 @@ async def check(nc: NATS, store: Path, work: Path, ledger: Ledger, report: Repor
     problems += [f"event {key} published {n} times" for key, n in published.items() if n > 1]
     problems += [f"event {key} never published" for key in sorted(set(logged) - set(published))]
     problems += [f"notification {key} is not in the log" for key in set(published) - set(logged)]
+
+
+def _timer_problems(
+    execution_id: str, events: list[tuple[int, str, dict[str, Any]]], report: Report
+) -> list[str]:
+    """What is wrong with how one execution's timers ended (nothing, normally)."""
+    started: Counter[int] = Counter()
+    ended: Counter[int] = Counter()
+    for _, kind, data in events:
+        if kind == "TimerStarted" or (kind == "ExecutionPaused" and "deadline" in data):
+            started[data["sequence"]] += 1
+        elif kind in ("TimerFired", "PauseExpired"):
+            ended[data["sequence"]] += 1
+            report.timers_fired += 1
+        elif kind == "ExecutionResumed" and data["sequence"] in started:
+            ended[data["sequence"]] += 1
+    report.timers_started += sum(started.values())
+    return [
+        f"execution {execution_id}: the timer of operation {sequence} started "
+        f"{started[sequence]} times and ended {ended[sequence]} times"
+        for sequence in started | ended
+        if started[sequence] != 1 or ended[sequence] != 1
+    ]
 
 
 async def _notification_ids(nc: NATS) -> Counter[str]:

@@ -35,6 +35,7 @@ async def test_kills_under_load_lose_nothing_and_double_nothing(
     assert report.nats_kills == KILLS // 10
     assert all(count > 0 for count in report.acknowledged.values()), report.acknowledged
     assert report.steps_recorded == 2 * report.executions
+    assert report.timers_fired > 0
 
 
 @pytest.mark.faults
