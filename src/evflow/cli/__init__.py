@@ -1,0 +1,34 @@
+"""The ``evflow`` command: serve an app, and invoke, resume, cancel and inspect executions.
+
+Built on click (parsing, environment variables, help) and rich (tables and colour).
+``serve`` lives in ``cli.serve``; the commands that talk to a running engine in
+``cli.executions``.
+"""
+
+from __future__ import annotations
+
+import click
+from rich.console import Console
+
+from ..client import DEFAULT_URL
+
+out = Console(soft_wrap=True)  # replies are read by programs too: never break a line
+err = Console(stderr=True, soft_wrap=True)
+
+nats_option = click.option(
+    "--nats",
+    "nats_url",
+    envvar="EVFLOW_NATS_URL",
+    default=DEFAULT_URL,
+    show_default=True,
+    help="NATS server URL (env EVFLOW_NATS_URL).",
+)
+
+
+@click.group()
+@click.version_option(package_name="evflow")
+def main() -> None:
+    """evflow: event-sourced pause-and-resume flows on NATS."""
+
+
+from . import executions, serve  # noqa: E402, F401  (each registers its commands on main)

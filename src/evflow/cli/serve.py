@@ -1,0 +1,247 @@
+"""``evflow serve``: the engine on NATS and a log, until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import msgspec
+from rich.logging import RichHandler
+
+from ..errors import EvflowError
+from ..flow import App
+from ..nats_server import NatsServer
+from ..server import Server
+from ..store import store_path
+from ..streams import StreamSettings, parse_duration
+from . import err, main
+
+logger = logging.getLogger("evflow.cli")
+
+DEFAULT_STORE = "sqlite:///.evflow/evflow.db"
+NATS_SCHEMES = ("nats://", "tls://", "ws://", "wss://")
+
+
+class Duration(click.ParamType):
+    """A duration such as 90s, 15m, 2h or 7d, as seconds."""
+
+    name = "duration"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, int | float):
+            return float(value)
+        try:
+            return parse_duration(str(value), "the duration")
+        except EvflowError as error:
+            self.fail(error.message, param, ctx)
+
+
+@main.command()
+@click.option("--app", "app_spec", required=True, help="The App to serve, as MODULE:ATTR.")
+@click.option(
+    "--nats",
+    "nats_url",
+    envvar="EVFLOW_NATS_URL",
+    default=None,
+    help="NATS server URL (env EVFLOW_NATS_URL). Without it an embedded nats-server "
+    "with JetStream is started on 127.0.0.1:4222.",
+)
+@click.option(
+    "--store",
+    envvar="EVFLOW_STORE",
+    default=DEFAULT_STORE,
+    show_default=True,
+    help="The event log, sqlite:///PATH (env EVFLOW_STORE).",
+)
+@click.option(
+    "--events-max-age",
+    type=Duration(),
+    envvar="EVFLOW_EVENTS_MAX_AGE",
+    show_envvar=True,
+    default="7d",
+    show_default=True,
+    help="How long the EVFLOW_EVENTS stream keeps a notification; 0 for no limit.",
+)
+@click.option(
+    "--events-max-bytes",
+    type=int,
+    envvar="EVFLOW_EVENTS_MAX_BYTES",
+    show_envvar=True,
+    default=-1,
+    show_default=True,
+    help="Bytes EVFLOW_EVENTS keeps before dropping the oldest; -1 for no limit.",
+)
+@click.option(
+    "--duplicate-window",
+    type=Duration(),
+    envvar="EVFLOW_DUPLICATE_WINDOW",
+    show_envvar=True,
+    default="2m",
+    show_default=True,
+    help="How long both streams drop a repeated Nats-Msg-Id.",
+)
+@click.option(
+    "--command-ack-wait",
+    type=Duration(),
+    envvar="EVFLOW_COMMAND_ACK_WAIT",
+    show_envvar=True,
+    default="30s",
+    show_default=True,
+    help="How long a durable command taken by an engine that died waits to be delivered again.",
+)
+@click.option(
+    "--shutdown-timeout",
+    type=Duration(),
+    envvar="EVFLOW_SHUTDOWN_TIMEOUT",
+    show_envvar=True,
+    default="10s",
+    show_default=True,
+    help="On SIGTERM, how long commands in flight may finish, and then notifications drain.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default="info",
+    show_default=True,
+    help="The least severe log records shown.",
+)
+def serve(
+    app_spec: str,
+    nats_url: str | None,
+    store: str,
+    events_max_age: float,
+    events_max_bytes: int,
+    duplicate_window: float,
+    command_ack_wait: float,
+    shutdown_timeout: float,
+    log_level: str,
+) -> None:
+    """Serve the flows of an App until SIGINT or SIGTERM."""
+    _configure_logging(log_level)
+    app = _load_app(app_spec)
+    _check_urls(store, nats_url)
+    streams = StreamSettings(
+        events_max_age=events_max_age,
+        events_max_bytes=events_max_bytes,
+        duplicate_window=duplicate_window,
+        command_ack_wait=command_ack_wait,
+    )
+    try:
+        asyncio.run(_serve(app, nats_url, store, streams, shutdown_timeout))
+    except EvflowError as error:
+        raise click.ClickException(error.message) from None
+
+
+def _configure_logging(level: str) -> None:
+    """Rich log lines on a terminal; plain, unwrapped, timestamped lines for a log file."""
+    if err.is_terminal:
+        handler: logging.Handler = RichHandler(console=err)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
+async def _serve(
+    app: App, nats_url: str | None, store: str, streams: StreamSettings, shutdown_timeout: float
+) -> None:
+    stop = _stop_on_signals()
+    embedded = None
+    if nats_url is None:
+        embedded = NatsServer(_store_folder(store) / "nats", port=4222)
+        await embedded.start()
+        nats_url = embedded.url
+    server = Server(app, store, nats_url, streams=streams, shutdown_timeout=shutdown_timeout)
+    try:
+        await server.start()
+        _announce(app, server)
+        code = await _until_stopped(stop, embedded)
+        logger.info("stopping: finishing commands in flight")
+    finally:
+        await server.stop()
+        if embedded is not None:
+            await embedded.stop()
+    if code is not None:
+        raise EvflowError(
+            f"the embedded nats-server exited with code {code}, so evflow stopped; its last "
+            "output is above (run with --log-level debug to see all of it)"
+        )
+
+
+async def _until_stopped(stop: asyncio.Event, embedded: NatsServer | None) -> int | None:
+    """Wait for SIGINT or SIGTERM; or for the embedded server to die (its exit code)."""
+    waits = {asyncio.ensure_future(stop.wait())}
+    if embedded is not None:
+        waits.add(asyncio.ensure_future(embedded.wait()))
+    done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    if stop.is_set():
+        return None
+    code = done.pop().result()
+    logger.error("the embedded nats-server exited with code %s", code)
+    return code
+
+
+def _check_urls(store: str, nats_url: str | None) -> None:
+    """Refuse a store or NATS URL evflow cannot use, before anything starts."""
+    try:
+        store_path(store)
+    except EvflowError as error:
+        raise click.BadParameter(error.message, param_hint="--store") from None
+    if nats_url is not None and not nats_url.startswith(NATS_SCHEMES):
+        raise click.BadParameter(
+            f"'{nats_url}' is not a NATS URL; write it as nats://HOST:PORT (or tls://, ws://, "
+            "wss://), for example nats://127.0.0.1:4222",
+            param_hint="--nats",
+        )
+
+
+def _store_folder(store: str) -> Path:
+    return store_path(store).resolve().parent
+
+
+def _announce(app: App, server: Server) -> None:
+    for flow in app.flows.values():
+        logger.info("serving flow '%s' on %s", flow.name, server.subjects.invoke(flow.name))
+    example = next(iter(app.flows.values()), None)
+    if example is not None:
+        names = [field.name for field in msgspec.structs.fields(example.inputs)]
+        fields = " ".join(f"--input {name}=..." for name in names)
+        logger.info("try it: evflow invoke %s %s", example.name, fields)
+
+
+def _stop_on_signals() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM, installed before start-up so neither kills us."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def _load_app(spec: str) -> App:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise click.BadParameter(
+            f"'{spec}' is not MODULE:ATTR, e.g. examples.flows:app", param_hint="--app"
+        )
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        app = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as error:
+        raise click.BadParameter(f"cannot load '{spec}': {error}", param_hint="--app") from None
+    if not isinstance(app, App):
+        raise click.BadParameter(
+            f"'{spec}' is a {type(app).__name__}, not an evflow App", param_hint="--app"
+        )
+    return app
