@@ -105,7 +105,7 @@ def utc(instant: datetime, what: str) -> datetime:
     return instant.astimezone(UTC)
 
 
-class Timer(msgspec.Struct, frozen=True):
+class Timer(msgspec.Struct, frozen=True, gc=False):
     """A timer pending in the log: a wait's wake-up or a pause's deadline."""
 
     due: datetime
