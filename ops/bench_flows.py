@@ -1,0 +1,14 @@
+"""Flows the benchmarks serve: ``evflow serve --app bench_flows:app`` with ``ops/`` on the path."""
+
+from datetime import timedelta
+
+from evflow import App, Context
+
+app = App()
+
+
+@app.flow("sleeper")
+async def sleeper(ctx: Context, hours: float) -> dict:
+    """Wait ``hours``, then end: each execution in the store holds one pending timer."""
+    await ctx.wait_for(timedelta(hours=hours))
+    return {"woke": ctx.now().isoformat()}
