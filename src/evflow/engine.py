@@ -125,26 +125,32 @@ class Engine:
             pause = state.pause.sequence
 
             async with self._driver.exclusive(execution_id):
-                history = await self.store.read(execution_id)
-                state = admission.of_flow(fold(history), flow_name, execution_id)
-                admission.check_resumable(state, pause)
-                if admission.past_deadline(state, self.clock):
-                    await self._expire_held(state)
-                flow = self._driver.flow_for(state)
-                try:
-                    return await self._driver.answer(flow, history, state, body, idempotency_key)
-                except ConcurrencyError:
-                    # Another writer was first (a deadline, another engine): say where the
-                    # execution stands now.
-                    latest = settled(await self.store.read(execution_id))
-                    admission.check_resumable(latest, pause)
-                    raise
+                return await self._resume_held(
+                    flow_name, execution_id, body, idempotency_key, pause
+                )
         except (Conflict, DuplicateCommand):
             # A twin with the same key may have answered the pause first: its outcome is ours.
             repeat = await self._repeat_of(execution_id, idempotency_key, flow_name)
             if repeat is None:
                 raise
             return repeat
+
+    async def _resume_held(
+        self, flow_name: str, execution_id: str, body: bytes, key: str | None, pause: int
+    ) -> ExecutionState:
+        """``resume`` with the execution's lock held: judge again, then answer the pause."""
+        history = await self.store.read(execution_id)
+        state = admission.of_flow(fold(history), flow_name, execution_id)
+        admission.check_resumable(state, pause)
+        if admission.past_deadline(state, self.clock):
+            await self._expire_held(state)
+        flow = self._driver.flow_for(state)
+        try:
+            return await self._driver.answer(flow, history, state, body, key)
+        except ConcurrencyError:
+            # Another writer was first (a deadline, another engine): say where it stands now.
+            admission.check_resumable(settled(await self.store.read(execution_id)), pause)
+            raise
 
     async def _expire_held(self, state: ExecutionState) -> None:
         """Record the expiry of a pause whose deadline passed, drive the flow on, and refuse
