@@ -7,6 +7,7 @@ recovery of executions a crash left running, and idempotency keys across restart
 
 import asyncio
 import json
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -150,6 +151,38 @@ async def test_async_step_function_is_awaited_and_recorded(make_engine: MakeEngi
     assert done.result == {"reservation": {"reservation": "async-pen"}, "ok": True}
     history = await engine.history(paused.execution_id)
     assert history[1].event == StepCompleted(1, "reserve", {"reservation": "async-pen"})
+
+
+async def test_a_blocking_sync_step_holds_up_no_other_execution(make_engine: MakeEngine):
+    """A sync step runs in a worker thread: while it blocks, the event loop serves another
+    execution, whose run is what lets the blocked step go on."""
+    gate = threading.Event()
+
+    def blocked() -> bool:
+        return gate.wait(timeout=10)  # True only if the loop could run meanwhile
+
+    def opener() -> bool:
+        gate.set()
+        return True
+
+    app = App()
+
+    @app.flow("blocked")
+    async def blocked_flow(ctx: Context) -> bool:
+        return await ctx.step("wait_for_gate", blocked)
+
+    @app.flow("opener")
+    async def opener_flow(ctx: Context) -> bool:
+        return await ctx.step("open_gate", opener)
+
+    engine = await make_engine(app)
+    first = asyncio.create_task(engine.invoke("blocked", b""))
+    await asyncio.sleep(0.05)
+    opened = await asyncio.wait_for(engine.invoke("opener", b""), 5)
+    done = await first
+
+    assert opened.result is True
+    assert done.result is True
 
 
 def failing_app(calls: list[int], seen: list[tuple[str, str, str]], fn: Callable) -> App:

@@ -304,7 +304,7 @@ async def test_wait_for_zero_returns_at_once_and_a_negative_delay_fails(
     assert zero.status is Status.COMPLETED
     assert negative.status is Status.FAILED and negative.error is not None
     assert negative.error.type == "ValueError"
-    assert "negative (-1 day, 23:00:00)" in negative.error.message
+    assert "negative (-3600 s)" in negative.error.message
 
 
 # Restarts.
@@ -728,3 +728,14 @@ async def test_cancel_racing_a_deadline_lands_once(
         assert kinds[-1] in ("ExecutionCancelled", "ExecutionFailed")
         assert kinds.count("ExecutionCancelled") <= 1
         assert (said == "cancelled") == (state.status is Status.CANCELLED)
+
+
+async def test_a_wait_past_the_year_9999_fails_the_flow_saying_why(make_engine: MakeEngine) -> None:
+    engine = await make_engine(sleeper_app())
+
+    failed = await engine.invoke("sleeper", body(hours=24 * 365 * 9000))
+
+    assert failed.status is Status.FAILED and failed.error is not None
+    assert failed.error.type == "ValueError"
+    assert failed.execution_id in failed.error.message
+    assert "ends after the year 9999; give a shorter delay" in failed.error.message

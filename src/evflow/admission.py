@@ -62,9 +62,10 @@ def check_resumable(state: ExecutionState, pause: int | None) -> None:
             **where,
         )
     if state.status is not Status.PAUSED or state.pause is None:
+        until = f" until {state.wake_at.isoformat()}" if state.wake_at is not None else ""
         raise NotPaused(
-            f"execution {execution_id} is {state.status.value}, not paused; resume it once it "
-            "reports a pause",
+            f"execution {execution_id} is {state.status.value}{until}, not paused; resume it "
+            "once it reports a pause",
             execution_id=execution_id,
             **where,
         )

@@ -12,6 +12,7 @@ accepted.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -105,9 +106,7 @@ class Context:
         # The events before this step must be durable before its side effect happens.
         await self._runner.flush_in_flow()
         try:
-            result = fn(*args)
-            if inspect.isawaitable(result):
-                result = await result
+            result = await _call(fn, args)
         except Exception as error:
             failed = StepFailed(sequence, name, type(error).__name__, str(error))
             return self._replay_step(self._runner.record(failed))
@@ -215,7 +214,7 @@ class Context:
             raise ValueError(f"{what}: give a timeout or a deadline, not both")
         if timeout is not None:
             delay = _delay(timeout, f"{what}: the timeout")
-            return lambda now: now + delay
+            return lambda now: _after(now, delay, f"{what}: the timeout")
         if deadline is not None:
             instant = utc(deadline, f"{what}: the deadline")
             return lambda now: instant
@@ -245,8 +244,9 @@ class Context:
     async def wait_for(self, delay: timedelta) -> None:
         """Wait durably for ``delay``: the execution is ``waiting`` until then, across
         restarts, and costs no task while it waits. A zero delay returns at once."""
-        span = _delay(delay, f"execution {self.execution_id}: wait_for's delay")
-        await self._wait(lambda now: now + span)
+        what = f"execution {self.execution_id}: wait_for's delay"
+        span = _delay(delay, what)
+        await self._wait(lambda now: _after(now, span, what))
 
     async def wait_until(self, instant: datetime) -> None:
         """Wait durably until ``instant``, an aware datetime in any time zone (kept in UTC).
@@ -322,5 +322,29 @@ def _delay(delay: object, what: str) -> timedelta:
     if not isinstance(delay, timedelta):
         raise TypeError(f"{what} must be a datetime.timedelta, not {type(delay).__name__}")
     if delay < timedelta(0):
-        raise ValueError(f"{what} is negative ({delay}); give a delay of zero or more")
+        seconds = f"{delay.total_seconds():g} s"
+        raise ValueError(f"{what} is negative ({seconds}); give a delay of zero or more")
     return delay
+
+
+def _after(now: datetime, delay: timedelta, what: str) -> datetime:
+    """``now + delay``, or an error saying the delay reaches past what a datetime holds."""
+    try:
+        return now + delay
+    except OverflowError:
+        raise ValueError(
+            f"{what} ({delay.days} days) ends after the year 9999; give a shorter delay"
+        ) from None
+
+
+async def _call(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    """Call a step's function: a coroutine function on the event loop, any other function
+    in a worker thread, so a blocking call (an HTTP client, a sleep) holds up no other
+    execution, timer or request. Known limit: sync step functions share the default
+    thread pool, so at most that many run at once; the rest wait for a thread."""
+    if inspect.iscoroutinefunction(fn):
+        return await fn(*args)
+    result = await asyncio.to_thread(fn, *args)
+    if inspect.isawaitable(result):
+        result = await result
+    return result

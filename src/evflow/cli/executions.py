@@ -102,6 +102,8 @@ def show(execution_id: str, as_json: bool, nats_url: str) -> None:
         click.echo(msgspec.json.encode(state))
         return
     table = Table(show_header=False, box=None)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # wrap a long value, never hide part of it
     for name, value in msgspec.to_builtins(state).items():
         if value not in (None, [], {}):
             table.add_row(f"[bold]{name}[/]", value if isinstance(value, str) else _text(value))
