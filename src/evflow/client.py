@@ -94,9 +94,7 @@ class Client:
         self, flow: str, inputs: dict[str, Any] | None = None, *, idempotency_key: str | None = None
     ) -> Settled:
         """Start an execution of ``flow``; returns where it first settled."""
-        body = msgspec.json.encode(inputs or {})
-        msg = await self.request(self.subjects.invoke(flow), body, _headers(idempotency_key))
-        return reply_decoder.decode(msg.data)
+        return await self._command(self.subjects.invoke(flow), inputs, _headers(idempotency_key))
 
     async def resume(
         self,
@@ -111,9 +109,7 @@ class Client:
         headers = _headers(idempotency_key)
         if pause is not None:
             headers[PAUSE_HEADER] = str(pause)
-        body = msgspec.json.encode(outputs or {})
-        msg = await self.request(self.subjects.resume(flow, execution_id), body, headers)
-        return reply_decoder.decode(msg.data)
+        return await self._command(self.subjects.resume(flow, execution_id), outputs, headers)
 
     async def cancel(
         self,
@@ -124,9 +120,15 @@ class Client:
         idempotency_key: str | None = None,
     ) -> Settled:
         """End an execution that is not finished as cancelled; returns its final state."""
-        body = msgspec.json.encode({"reason": reason} if reason is not None else {})
+        body = {"reason": reason} if reason is not None else {}
         subject = self.subjects.cancel(flow, execution_id)
-        msg = await self.request(subject, body, _headers(idempotency_key))
+        return await self._command(subject, body, _headers(idempotency_key))
+
+    async def _command(
+        self, subject: str, fields: dict[str, Any] | None, headers: dict[str, str]
+    ) -> Settled:
+        """Send a command's fields as its JSON body and decode the settle point it answers."""
+        msg = await self.request(subject, msgspec.json.encode(fields or {}), headers)
         return reply_decoder.decode(msg.data)
 
     async def publish_invoke(
