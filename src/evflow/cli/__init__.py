@@ -24,6 +24,17 @@ nats_option = click.option(
     help="NATS server URL (env EVFLOW_NATS_URL).",
 )
 
+DEFAULT_STORE = "sqlite:///.evflow/evflow.db"
+
+store_option = click.option(
+    "--store",
+    envvar="EVFLOW_STORE",
+    default=DEFAULT_STORE,
+    show_default=True,
+    help="The event log, sqlite:///PATH (env EVFLOW_STORE).",
+)
+"""The log a command reads or writes; ``serve`` and the offline audit commands share it."""
+
 
 @click.group()
 @click.version_option(package_name="evflow")

@@ -20,11 +20,10 @@ from ..nats_server import NatsServer
 from ..server import Server
 from ..store import store_path
 from ..streams import StreamSettings, parse_duration
-from . import err, main
+from . import err, main, store_option
 
 logger = logging.getLogger("evflow.cli")
 
-DEFAULT_STORE = "sqlite:///.evflow/evflow.db"
 NATS_SCHEMES = ("nats://", "tls://", "ws://", "wss://")
 
 
@@ -54,13 +53,7 @@ class Duration(click.ParamType):
     help="NATS server URL (env EVFLOW_NATS_URL). Without it an embedded nats-server "
     "with JetStream is started on 127.0.0.1:4222.",
 )
-@click.option(
-    "--store",
-    envvar="EVFLOW_STORE",
-    default=DEFAULT_STORE,
-    show_default=True,
-    help="The event log, sqlite:///PATH (env EVFLOW_STORE).",
-)
+@store_option
 @click.option(
     "--events-max-age",
     type=Duration(),
