@@ -279,15 +279,19 @@ def test_history_encodes_back_to_its_file(name: str):
 
 @pytest.mark.parametrize("name", FILES)
 async def test_sqlite_rows_hold_the_history_as_json(name: str, engine_on: EngineOn):
-    """Loaded into the log, each row's type, time and data say what the file says."""
+    """Loaded into the log, each row's type, time, data and hashes say what the file says.
+
+    The hashes in the files were computed when they were recorded: a change to how the log
+    hashes an event would make every existing log fail ``evflow verify``, and fails here.
+    """
     items = json.loads((HISTORIES / name).read_bytes())
     engine = await engine_on(load(name))
     path = engine.store.path  # type: ignore[attr-defined]
 
     with closing(sqlite3.connect(path)) as db:
         rows = db.execute(
-            "SELECT execution_id, version, type, schema_version, at, data FROM events"
-            " ORDER BY position"
+            "SELECT execution_id, version, type, schema_version, at, data, prev_hash, hash"
+            " FROM events ORDER BY position"
         ).fetchall()
 
     assert [
@@ -297,6 +301,7 @@ async def test_sqlite_rows_hold_the_history_as_json(name: str, engine_on: Engine
         datetime.fromisoformat(i["at"]) for i in items
     ]
     assert [json.loads(row[5]) for row in rows] == [i["event"] for i in items]
+    assert [row[6:] for row in rows] == [(i["prev_hash"], i["hash"]) for i in items]
 
 
 # Replay against the current example flows.

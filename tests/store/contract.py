@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from evflow.chain import Record, record_hash, verify
 from evflow.errors import ConcurrencyError, DuplicateCommand, EvflowError
 from evflow.events import (
     Event,
@@ -457,3 +458,76 @@ class StoreContract(abc.ABC):
 
         assert len(await store.read_all(limit=1000)) == 50
         assert await store.load_checkpoint("outbox") == 9
+
+    # The hash chain, export and import (see evflow.chain and evflow.audit).
+
+    async def test_records_are_hash_chained_per_execution(self, store: EventStore):
+        """Each record names its predecessor's hash and its own recomputes, across appends."""
+        await store.append("a", 0, [start("a"), pause("a", 2)])
+        await store.append("b", 0, [start("b")])
+        await asyncio.gather(
+            store.append("a", 2, [resume("a", 3)]), store.append("b", 1, [pause("b", 2)])
+        )
+
+        records = await store.records()
+
+        assert [(r.execution_id, r.version) for r in records] == [
+            (e.execution_id, e.version) for e in await store.read_all()
+        ]
+        chains: dict[str, list[Record]] = {}
+        for record in records:
+            chains.setdefault(record.execution_id, []).append(record)
+        for chain in chains.values():
+            assert chain[0].prev_hash is None
+            assert [r.prev_hash for r in chain[1:]] == [r.hash for r in chain[:-1]]
+            assert all(record_hash(r) == r.hash for r in chain)
+        assert len({r.hash for r in records}) == len(records)
+        assert verify(records).intact
+
+    async def test_read_events_carry_the_hashes_of_their_records(self, store: EventStore):
+        """What read returns carries the same hashes as the stored records."""
+        appended = await store.append("a", 0, [start("a"), pause("a", 2)])
+
+        records = await store.records(execution_id="a")
+
+        assert [(e.prev_hash, e.hash) for e in await store.read("a")] == [
+            (r.prev_hash, r.hash) for r in records
+        ]
+        assert [e.hash for e in appended] == [r.hash for r in records]
+
+    async def test_records_page_after_a_position_and_filter_by_execution(self, store: EventStore):
+        """records(after, limit, execution_id) pages in log order, of one execution if given."""
+        for name in "abc":
+            await store.append(name, 0, [start(name)])
+        await store.append("b", 1, [pause("b", 2)])
+
+        first = await store.records(limit=2)
+        rest = await store.records(after_position=first[-1].position)
+        only_b = await store.records(execution_id="b")
+
+        assert [(r.execution_id, r.version) for r in first + rest] == [
+            ("a", 1), ("b", 1), ("c", 1), ("b", 2)
+        ]  # fmt: skip
+        assert [(r.execution_id, r.version) for r in only_b] == [("b", 1), ("b", 2)]
+
+    async def test_import_keeps_positions_hashes_and_keys(self, store: EventStore, tmp_path: Path):
+        """Records imported into an empty store read back the same, and claim the same keys."""
+        await store.append("a", 0, [start("a", key="k"), pause("a", 2)])
+        await store.append("b", 0, [start("b")])
+        await store.append("a", 2, [resume("a", 3, key="r")])
+        records = await store.records()
+        copy = await self.open_store(tmp_path / "copy")
+        try:
+            assert await copy.is_empty()
+            await copy.import_records(records)
+
+            assert await copy.records() == records
+            assert await copy.read_all() == await store.read_all()
+            assert await copy.find_command(invoke_scope("approval", "k")) is not None
+            assert await copy.find_command(resume_scope("a", "r")) is not None
+            appended = await copy.append("b", 1, [pause("b", 2)])
+            assert appended[0].prev_hash == records[2].hash
+            assert appended[0].position > records[-1].position
+        finally:
+            await copy.close()
+        assert not await store.is_empty()

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from evflow.errors import StoreError
-from evflow.store import open_store
-from evflow.store import sqlite as sqlite_backend
+from evflow.store import migrations, open_store
 from evflow.store.sqlite import SqliteStore
 
 from .contract import StoreContract, pause, start
@@ -58,7 +57,7 @@ class TestSqliteStore(StoreContract):
         store = await self.open_store(tmp_path)
         await store.close()
 
-        assert _schema_versions(tmp_path / DB_NAME) == [len(sqlite_backend.MIGRATIONS)]
+        assert _schema_versions(tmp_path / DB_NAME) == [len(migrations.MIGRATIONS)]
 
     async def test_reopen_applies_only_new_migrations(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -67,8 +66,8 @@ class TestSqliteStore(StoreContract):
         store = await self.open_store(tmp_path)
         await store.append("a", 0, [start("a")])
         await store.close()
-        added = (*sqlite_backend.MIGRATIONS, "CREATE TABLE added_later (x INTEGER)")
-        monkeypatch.setattr(sqlite_backend, "MIGRATIONS", added)
+        added = (*migrations.MIGRATIONS, "CREATE TABLE added_later (x INTEGER)")
+        monkeypatch.setattr(migrations, "MIGRATIONS", added)
 
         for _ in range(2):  # a re-run of any migration would fail: its tables exist
             store = await self.open_store(tmp_path)

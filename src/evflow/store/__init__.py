@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
+from ..chain import Record
 from ..events import ExecutionCancelled, ExecutionResumed, ExecutionStarted, StoredEvent
 from ..timers import Timer
 
@@ -40,6 +41,20 @@ class EventStore(Protocol):
 
     async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[StoredEvent]:
         """Events of all executions in global order, after ``after_position``."""
+
+    async def records(
+        self, after_position: int = 0, limit: int = 1000, execution_id: str | None = None
+    ) -> list[Record]:
+        """Events exactly as stored (data, schema version and hashes untouched), in log order
+        after ``after_position``, of one execution if given: what export and verify read."""
+
+    async def import_records(self, records: Sequence[Record]) -> None:
+        """Write records exported from another log as they are, positions and hashes kept,
+        in one transaction. Only for a log no engine serves; ``evflow import`` checks it is
+        empty first."""
+
+    async def is_empty(self) -> bool:
+        """True when the log holds no event."""
 
     async def find_command(self, scope: str) -> StoredEvent | None:
         """The event that claimed an idempotency scope, if any."""
@@ -132,11 +147,19 @@ def store_path(url: str) -> Path:
     return Path(path)
 
 
-async def open_store(url: str) -> EventStore:
-    """Open the store a URL names (see ``store_path``)."""
+async def open_store(url: str, *, existing: bool = False) -> EventStore:
+    """Open the store a URL names (see ``store_path``); a new file is created unless
+    ``existing`` asks for a log that is already there (to read, verify or export)."""
+    from ..errors import StoreError
     from .sqlite import SqliteStore
 
-    store = SqliteStore(store_path(url))
+    path = store_path(url)
+    if existing and not path.is_file():
+        raise StoreError(
+            f"there is no log at {path} (from store URL '{url}'); give the --store an engine "
+            "wrote, or set EVFLOW_STORE"
+        )
+    store = SqliteStore(path)
     await store.open()
     return store
 

@@ -18,41 +18,19 @@ from datetime import datetime
 from pathlib import Path
 
 import aiosqlite
+from msgspec import Raw
 
+from ..chain import Record, link_hash
 from ..errors import ConcurrencyError, DuplicateCommand, StoreError
 from ..events import SETTLING, StoredEvent, decode, encode
 from ..timers import Timer
 from . import check_append, idempotency_scope
+from .migrations import migrate
 
 logger = logging.getLogger(__name__)
 
-MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE events (
-        position INTEGER PRIMARY KEY AUTOINCREMENT,
-        execution_id TEXT NOT NULL,
-        version INTEGER NOT NULL,
-        type TEXT NOT NULL,
-        schema_version INTEGER NOT NULL,
-        at TEXT NOT NULL,
-        data TEXT NOT NULL,
-        idempotency_scope TEXT,
-        UNIQUE (execution_id, version)
-    );
-    CREATE UNIQUE INDEX events_idempotency ON events (idempotency_scope)
-        WHERE idempotency_scope IS NOT NULL;
-    """,
-    """
-    CREATE TABLE checkpoints (
-        name TEXT PRIMARY KEY,
-        position INTEGER NOT NULL
-    );
-    """,
-)
-"""Schema changes in order; ``schema_version`` holds how many have been applied."""
-
 _SETTLING_TYPES = tuple(cls.__name__ for cls in SETTLING)
-_COLUMNS = "position, execution_id, version, type, schema_version, at, data"
+_COLUMNS = "position, execution_id, version, type, schema_version, at, data, prev_hash, hash"
 
 
 class _Append:
@@ -101,7 +79,7 @@ class SqliteStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._writer_db = await self._connect()
-            await self._migrate(self._writer_db)
+            await migrate(self._writer_db)
             self._reader_db = await self._connect()
         except sqlite3.Error as error:
             raise StoreError(f"cannot open the SQLite log at {self.path}: {error}") from error
@@ -114,21 +92,6 @@ class SqliteStore:
         await db.execute(f"PRAGMA synchronous={self.synchronous}")
         await db.execute("PRAGMA busy_timeout=10000")
         return db
-
-    async def _migrate(self, db: aiosqlite.Connection) -> None:
-        await db.execute("BEGIN IMMEDIATE")
-        await db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        async with db.execute("SELECT version FROM schema_version") as cursor:
-            row = await cursor.fetchone()
-        applied = row[0] if row else 0
-        for script in MIGRATIONS[applied:]:
-            for statement in filter(str.strip, script.split(";")):
-                await db.execute(statement)
-        if row is None:
-            await db.execute("INSERT INTO schema_version VALUES (?)", (len(MIGRATIONS),))
-        else:
-            await db.execute("UPDATE schema_version SET version = ?", (len(MIGRATIONS),))
-        await db.execute("COMMIT")
 
     async def close(self) -> None:
         """Let queued appends finish, then close both connections."""
@@ -229,10 +192,10 @@ class SqliteStore:
     async def _insert(self, db: aiosqlite.Connection, request: _Append) -> list[StoredEvent]:
         execution_id = request.execution_id
         async with db.execute(
-            "SELECT coalesce(max(version), 0) FROM events WHERE execution_id = ?",
+            "SELECT version, hash FROM events WHERE execution_id = ? ORDER BY version DESC LIMIT 1",
             (execution_id,),
         ) as cursor:
-            (current,) = await cursor.fetchone()  # type: ignore[misc]
+            current, prev_hash = await cursor.fetchone() or (0, None)
         if current != request.expected_version:
             raise ConcurrencyError(
                 f"execution {execution_id} is at version {current}, not "
@@ -241,22 +204,34 @@ class SqliteStore:
                 version=current,
             )
 
-        return [await self._insert_one(db, item) for item in request.events]
+        stored = []
+        for item in request.events:
+            stored.append(await self._insert_one(db, item, prev_hash))
+            prev_hash = stored[-1].hash
+        return stored
 
-    async def _insert_one(self, db: aiosqlite.Connection, item: StoredEvent) -> StoredEvent:
+    async def _insert_one(
+        self, db: aiosqlite.Connection, item: StoredEvent, prev_hash: str | None
+    ) -> StoredEvent:
         scope = idempotency_scope(item)
+        type_, at, data = type(item.event).__name__, item.at.isoformat(), encode(item.event)
+        digest = link_hash(
+            item.execution_id, item.version, type_, item.schema_version, at, data, prev_hash
+        )
         try:
             cursor = await db.execute(
                 "INSERT INTO events (execution_id, version, type, schema_version, at, data,"
-                " idempotency_scope) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " idempotency_scope, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     item.execution_id,
                     item.version,
-                    type(item.event).__name__,
+                    type_,
                     item.schema_version,
-                    item.at.isoformat(),
-                    encode(item.event).decode(),
+                    at,
+                    data.decode(),
                     scope,
+                    prev_hash,
+                    digest,
                 ),
             )
         except sqlite3.IntegrityError as error:
@@ -279,6 +254,8 @@ class SqliteStore:
             event=item.event,
             position=position or 0,
             schema_version=item.schema_version,
+            prev_hash=prev_hash,
+            hash=digest,
         )
 
     async def read(self, execution_id: str, to_version: int | None = None) -> list[StoredEvent]:
@@ -350,6 +327,49 @@ class SqliteStore:
             for execution_id, version, kind, sequence, due, flow in rows
         ]
 
+    async def records(
+        self, after_position: int = 0, limit: int = 1000, execution_id: str | None = None
+    ) -> list[Record]:
+        """Events exactly as stored, in log order after ``after_position``; see ``EventStore``."""
+        where = "position > ?" + (" AND execution_id = ?" if execution_id is not None else "")
+        params = (after_position,) + ((execution_id,) if execution_id is not None else ())
+        rows = await self._query(
+            f"SELECT {_COLUMNS} FROM events WHERE {where} ORDER BY position LIMIT ?",
+            (*params, limit),
+        )
+        return [
+            Record(position, execution_id, version, type_, schema, at, Raw(data), prev, digest)
+            for position, execution_id, version, type_, schema, at, data, prev, digest in rows
+        ]
+
+    async def import_records(self, records: Sequence[Record]) -> None:
+        """Write ``records`` as they are, positions and hashes kept; see ``EventStore``."""
+        self._check_open("importing")
+        db = self._writer_db
+        assert db is not None
+        rows = [
+            (r.position, r.execution_id, r.version, r.type, r.schema_version, r.at,
+             bytes(r.data).decode(), r.prev_hash, r.hash, _scope_of(r))
+            for r in records
+        ]  # fmt: skip
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            await db.executemany(
+                f"INSERT INTO events ({_COLUMNS}, idempotency_scope)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            await db.execute("COMMIT")
+        except sqlite3.Error as error:
+            await db.execute("ROLLBACK")
+            raise StoreError(
+                f"importing into the SQLite log at {self.path} failed: {error}"
+            ) from error
+
+    async def is_empty(self) -> bool:
+        """True when the log holds no event."""
+        return not await self._query("SELECT 1 FROM events LIMIT 1")
+
     def _reader(self) -> aiosqlite.Connection:
         if self._reader_db is None:
             raise StoreError(f"the SQLite log at {self.path} is closed; open it before reading")
@@ -366,15 +386,37 @@ class SqliteStore:
         return list(await self._reader().execute_fetchall(sql, params))
 
     async def _select(self, sql: str, params: tuple[object, ...]) -> list[StoredEvent]:
-        rows = await self._query(sql, params)
-        return [
-            StoredEvent(
-                execution_id=execution_id,
-                version=version,
-                at=datetime.fromisoformat(at),
-                event=decode(data),
-                position=position,
-                schema_version=schema_version,
-            )
-            for position, execution_id, version, _type, schema_version, at, data in rows
-        ]
+        return [_stored(*row) for row in await self._query(sql, params)]
+
+
+def _scope_of(record: Record) -> str | None:
+    """The idempotency scope an imported event claims, as its append would have."""
+    stored = StoredEvent(
+        record.execution_id, record.version, datetime.fromisoformat(record.at),
+        decode(bytes(record.data), record.schema_version),
+    )  # fmt: skip
+    return idempotency_scope(stored)
+
+
+def _stored(
+    position: int,
+    execution_id: str,
+    version: int,
+    _type: str,
+    schema_version: int,
+    at: str,
+    data: str,
+    prev_hash: str | None,
+    digest: str | None,
+) -> StoredEvent:
+    """A stored event from a row of ``_COLUMNS``, its event upcast to the current types."""
+    return StoredEvent(
+        execution_id=execution_id,
+        version=version,
+        at=datetime.fromisoformat(at),
+        event=decode(data, schema_version),
+        position=position,
+        schema_version=schema_version,
+        prev_hash=prev_hash,
+        hash=digest,
+    )
