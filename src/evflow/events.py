@@ -7,6 +7,7 @@ tag is never renamed. ``kind`` names the notification an event is published as.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, ClassVar
 
@@ -164,15 +165,65 @@ SETTLING = (ExecutionPaused, TimerStarted, ExecutionCompleted, ExecutionFailed, 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(AnyEvent)
 
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+"""Turns an event object of one schema version into the next version's shape."""
+
+
+class Upcasters:
+    """How each event type's stored shape changed, one schema version at a time.
+
+    When a change cannot be made by adding a field with a default (a rename, a field that
+    moves or changes type), ``SCHEMA_VERSION`` goes up and an upcaster from the old version
+    is registered here. Reads turn every stored event into the current types, so neither the
+    fold nor flow code ever sees an old shape, while the log keeps what was written (and its
+    hash chain stays valid).
+    """
+
+    def __init__(self, current: int = SCHEMA_VERSION) -> None:
+        self.current = current
+        self._steps: dict[tuple[str, int], Upcaster] = {}
+
+    def register(self, type_name: str, from_version: int) -> Callable[[Upcaster], Upcaster]:
+        """Register the function that lifts ``type_name`` from ``from_version`` to the next."""
+
+        def add(step: Upcaster) -> Upcaster:
+            if (type_name, from_version) in self._steps:
+                raise ValueError(f"{type_name} already has an upcaster from v{from_version}")
+            self._steps[type_name, from_version] = step
+            return step
+
+        return add
+
+    def decode(self, data: bytes | str, schema_version: int) -> AnyEvent:
+        """An event of the current types from JSON stored at ``schema_version``."""
+        if schema_version == self.current:
+            return _decoder.decode(data)
+        if schema_version > self.current:
+            raise msgspec.ValidationError(
+                f"the event was stored at schema version {schema_version}, newer than this "
+                f"evflow's {self.current}: upgrade evflow to read it"
+            )
+
+        obj = msgspec.json.decode(data)
+        for version in range(schema_version, self.current):
+            step = self._steps.get((obj.get("type", ""), version))
+            if step is not None:
+                obj = step(obj)
+        return _decoder.decode(msgspec.json.encode(obj))
+
+
+UPCASTERS = Upcasters()
+"""The upcasters of evflow's own event types; empty until a stored shape first changes."""
+
 
 def encode(event: Event) -> bytes:
     """The stored JSON of an event, with its ``type`` tag."""
     return _encoder.encode(event)
 
 
-def decode(data: bytes | str) -> AnyEvent:
-    """An event from its stored JSON."""
-    return _decoder.decode(data)
+def decode(data: bytes | str, schema_version: int = SCHEMA_VERSION) -> AnyEvent:
+    """An event from its stored JSON, upcast from an older schema version if need be."""
+    return UPCASTERS.decode(data, schema_version)
 
 
 class StoredEvent(msgspec.Struct, frozen=True):
@@ -190,3 +241,7 @@ class StoredEvent(msgspec.Struct, frozen=True):
     """Position in the whole log, assigned by the store on append (0 before)."""
     schema_version: int = SCHEMA_VERSION
     """Shape version of ``event`` when it was stored."""
+    prev_hash: str | None = None
+    """Hash of the execution's previous event (None for version 1); see ``chain``."""
+    hash: str | None = None
+    """sha256 of this event's canonical stored form, set by the store on append."""
