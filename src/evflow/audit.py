@@ -1,0 +1,143 @@
+"""What an auditor does with a log: export it, verify it, import a copy to work on.
+
+An export is JSON lines, one ``chain.Record`` per line in log order: every event exactly as
+stored, with its hashes. ``jq`` reads it; ``verify`` checks it without the engine, the
+database or the flow code; ``import`` loads it into an empty log for replay checks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import IO
+
+import msgspec
+
+from .chain import Record, Verdict, Verifier, verify, verify_async
+from .errors import StoreError
+from .events import decode
+from .store import EventStore
+
+logger = logging.getLogger(__name__)
+
+PAGE = 1000
+"""Records read from the log per query."""
+
+_encoder = msgspec.json.Encoder()
+_line_decoder = msgspec.json.Decoder(Record)
+
+
+async def records_of(
+    store: EventStore, since: int = 0, execution_id: str | None = None
+) -> AsyncIterator[Record]:
+    """Every record of the log after position ``since``, of one execution if given."""
+    position = since
+    while page := await store.records(position, PAGE, execution_id):
+        for record in page:
+            yield record
+        position = page[-1].position
+
+
+async def export(store: EventStore, out: IO[bytes], since: int = 0) -> tuple[int, int]:
+    """Write the log after position ``since`` to ``out`` as JSON lines.
+
+    Returns how many events were written and the position of the last one (``since`` when
+    none), from which a later export goes on.
+    """
+    count, last = 0, since
+    async for record in records_of(store, since):
+        out.write(_encoder.encode(record) + b"\n")
+        count, last = count + 1, record.position
+    return count, last
+
+
+def read_export(path: Path) -> Iterator[Record]:
+    """The records of an export file, each checked to be one, with its line named if not."""
+    try:
+        with path.open("rb") as lines:
+            for number, line in enumerate(lines, start=1):
+                if line.strip():
+                    yield _record(line, number, path)
+    except OSError as error:
+        raise StoreError(f"cannot read the export {path}: {error.strerror}") from error
+
+
+def _record(line: bytes, number: int, path: Path) -> Record:
+    try:
+        return _line_decoder.decode(line)
+    except msgspec.DecodeError as error:
+        raise StoreError(
+            f"line {number} of {path} is not an exported event ({error}); give a file "
+            "written by evflow export"
+        ) from error
+
+
+async def verify_store(store: EventStore, execution_id: str | None = None) -> Verdict:
+    """Walk the hash chains of a live log, or of one execution in it."""
+    return await verify_async(records_of(store, execution_id=execution_id))
+
+
+def verify_export(path: Path, execution_id: str | None = None) -> Verdict:
+    """Walk the hash chains of an export file, or of one execution in it."""
+    records = read_export(path)
+    if execution_id is not None:
+        records = (record for record in records if record.execution_id == execution_id)
+    return verify(records)
+
+
+async def import_export(store: EventStore, path: Path) -> int:
+    """Load an export into an empty log, refusing it whole if any chain is broken.
+
+    Every event must also decode as an event this evflow knows (upcast if old), so the
+    copy is one an engine or a replay check can read. Returns how many events were loaded.
+    """
+    if not await store.is_empty():
+        raise StoreError(
+            "the log to import into already holds events; import into a new file, for "
+            "example --store sqlite:///copy.db"
+        )
+
+    records = _checked(path)
+    await store.import_records(records)
+    logger.info("imported %d events from %s", len(records), path)
+    return len(records)
+
+
+def _checked(path: Path) -> list[Record]:
+    """The records of an export, once their chains, order and events are found sound."""
+    verifier, records, last = Verifier(), [], 0
+    for record in read_export(path):
+        if record.position <= last:
+            raise StoreError(
+                f"{path}: position {record.position} (execution {record.execution_id} "
+                f"version {record.version}) does not follow {last}; exports are in log order"
+            )
+        broken = verifier.check(record)
+        if broken is not None:
+            raise StoreError(
+                f"{path}: execution {broken.execution_id} breaks at version "
+                f"{broken.version}: {broken.problem}; nothing was imported",
+                execution_id=broken.execution_id,
+            )
+        _check_event(record, path)
+        records.append(record)
+        last = record.position
+    return records
+
+
+def _check_event(record: Record, path: Path) -> None:
+    try:
+        event = decode(bytes(record.data), record.schema_version)
+    except msgspec.DecodeError as error:
+        raise StoreError(
+            f"{path}: execution {record.execution_id} version {record.version} holds no "
+            f"event this evflow knows ({error}); upgrade evflow or fix the export",
+            execution_id=record.execution_id,
+        ) from error
+    if type(event).__name__ != record.type:
+        raise StoreError(
+            f"{path}: execution {record.execution_id} version {record.version} says type "
+            f"{record.type} but holds a {type(event).__name__}",
+            execution_id=record.execution_id,
+        )

@@ -1,0 +1,379 @@
+"""Auditing a log: the hash chain, ``evflow verify``, ``export`` and ``import``, and reading
+events stored in an older shape.
+
+Logs are written by a real engine running the example flows on a real SQLite file; the
+tampering is done with ``sqlite3`` and plain file edits, behind the engine's back, and the
+commands run as real ``evflow`` processes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import closing
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from examples.flows import app
+
+from evflow import events
+from evflow.chain import link_hash
+from evflow.engine import Engine
+from evflow.events import (
+    SCHEMA_VERSION,
+    ExecutionFailed,
+    ExecutionStarted,
+    StoredEvent,
+    Upcasters,
+)
+from evflow.state import fold
+from evflow.store import migrations
+from evflow.store.sqlite import SqliteStore
+from processes import Result, evflow, sqlite_url
+
+HISTORIES = Path(__file__).parent / "histories"
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+async def log(tmp_path: Path) -> AsyncIterator[Path]:
+    """A log with one completed and one paused approval, closed before the test reads it."""
+    path = tmp_path / "log.db"
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        engine = Engine(app, store)
+        first = await engine.invoke("approval", b'{"amount": 120, "requester": "ann"}')
+        await engine.resume("approval", first.execution_id, b'{"approved": true, "note": "ok"}')
+        await engine.invoke("approval", b'{"amount": 5, "requester": "bob"}')
+    finally:
+        await store.close()
+    yield path
+
+
+def rows(path: Path) -> list[tuple]:
+    """Every row of the events table, in log order."""
+    with closing(sqlite3.connect(path)) as db:
+        return db.execute("SELECT * FROM events ORDER BY position").fetchall()
+
+
+def execute(path: Path, sql: str, *params: object) -> None:
+    """Change the log with sqlite3 alone, as someone bypassing the engine would."""
+    with closing(sqlite3.connect(path)) as db:
+        db.execute(sql, params)
+        db.commit()
+
+
+def execution_of(path: Path, requester: str) -> str:
+    """The execution started by ``requester``."""
+    with closing(sqlite3.connect(path)) as db:
+        (execution_id,) = db.execute(
+            "SELECT execution_id FROM events WHERE version = 1"
+            " AND json_extract(data, '$.inputs.requester') = ?",
+            (requester,),
+        ).fetchone()
+    return execution_id
+
+
+def verdict(result: Result) -> dict:
+    """The JSON verdict of ``evflow verify --json``."""
+    return json.loads(result.stdout)
+
+
+# verify on the live log
+
+
+async def test_an_untouched_log_verifies_intact(log: Path):
+    """Every chain holds: exit 0, every event and execution counted."""
+    result = await evflow("verify", "--store", sqlite_url(log), "--json")
+
+    assert result.returncode == 0, result
+    body = verdict(result)
+    assert (body["intact"], body["events"], body["executions"], body["breaks"]) == (
+        True, 6, 2, []
+    )  # fmt: skip
+
+
+async def test_an_event_edited_with_sqlite3_is_found(log: Path):
+    """Raising an amount in the stored JSON breaks that event's hash: exit 1, named."""
+    ann = execution_of(log, "ann")
+    execute(
+        log,
+        "UPDATE events SET data = replace(data, '120.0', '1200.0')"
+        " WHERE execution_id = ? AND version = 1",
+        ann,
+    )
+
+    result = await evflow("verify", "--store", sqlite_url(log))
+
+    assert result.returncode == 1, result
+    assert f"BROKEN execution {ann} at version 1" in result.stdout
+    assert "the event was changed after it was written" in result.stdout
+    assert "1 broken of 6 events in 2 executions" in result.stdout
+
+
+async def test_a_deleted_event_is_found_as_a_missing_version(log: Path):
+    """Deleting the pause of a completed execution leaves a gap the chain names."""
+    ann = execution_of(log, "ann")
+    execute(log, "DELETE FROM events WHERE execution_id = ? AND version = 2", ann)
+
+    result = await evflow("verify", "--store", sqlite_url(log), "--json")
+
+    assert result.returncode == 1, result
+    [broken] = verdict(result)["breaks"]
+    assert (broken["execution_id"], broken["version"]) == (ann, 3)
+    assert "version 2 is missing" in broken["problem"]
+
+
+async def test_an_edit_that_rehashes_its_event_breaks_the_next_link(log: Path):
+    """Recomputing the edited event's own hash is not enough: its successor names the old."""
+    ann = execution_of(log, "ann")
+    position, execution_id, version, type_, schema, at, data, _scope, prev, _hash = rows(log)[0]
+    forged = data.replace("120.0", "1200.0")
+    digest = link_hash(execution_id, version, type_, schema, at, forged, prev)
+    execute(
+        log, "UPDATE events SET data = ?, hash = ? WHERE position = ?", forged, digest, position
+    )
+
+    result = await evflow("verify", "--store", sqlite_url(log), "--json")
+
+    assert result.returncode == 1, result
+    [broken] = verdict(result)["breaks"]
+    assert (broken["execution_id"], broken["version"]) == (ann, 2)
+    assert "an event before this one was changed or replaced" in broken["problem"]
+
+
+async def test_verify_of_one_execution_checks_only_its_chain(log: Path):
+    """--execution walks one chain: a break elsewhere does not fail it."""
+    ann, bob = execution_of(log, "ann"), execution_of(log, "bob")
+    execute(log, "UPDATE events SET data = replace(data, 'ann', 'eve') WHERE execution_id = ?", ann)
+
+    of_bob = await evflow("verify", "--store", sqlite_url(log), "--execution", bob, "--json")
+    of_ann = await evflow("verify", "--store", sqlite_url(log), "--execution", ann, "--json")
+
+    assert of_bob.returncode == 0 and verdict(of_bob)["events"] == 2, of_bob
+    assert of_ann.returncode == 1 and verdict(of_ann)["executions"] == 1, of_ann
+
+
+async def test_verify_refuses_an_unknown_execution_or_a_missing_log(log: Path, tmp_path: Path):
+    """What cannot be checked exits 2 and says why, naming the execution or the file."""
+    unknown = await evflow("verify", "--store", sqlite_url(log), "--execution", "nope")
+    missing = await evflow("verify", "--store", sqlite_url(tmp_path / "none.db"))
+
+    assert unknown.returncode == 2 and "no events of execution nope" in unknown.stderr
+    assert missing.returncode == 2 and "there is no log at" in missing.stderr
+    assert not (tmp_path / "none.db").exists()
+
+
+# export, verify of a copy, import
+
+
+async def test_an_export_verifies_like_its_log(log: Path, tmp_path: Path):
+    """The export holds every row as stored and verifies with the same digest as the log."""
+    copy = tmp_path / "log.jsonl"
+
+    exported = await evflow("export", "--store", sqlite_url(log), "-o", str(copy))
+    of_log = await evflow("verify", "--store", sqlite_url(log), "--json")
+    of_copy = await evflow("verify", "--file", str(copy), "--json")
+
+    assert exported.returncode == 0 and "exported 6 events" in exported.stderr, exported
+    lines = [json.loads(line) for line in copy.read_text().splitlines()]
+    assert [
+        (i["position"], i["execution_id"], i["version"], i["type"], i["hash"]) for i in lines
+    ] == [(r[0], r[1], r[2], r[3], r[9]) for r in rows(log)]
+    assert [i["data"] for i in lines] == [json.loads(r[6]) for r in rows(log)]
+    assert of_copy.returncode == 0, of_copy
+    assert verdict(of_copy)["digest"] == verdict(of_log)["digest"]
+
+
+async def test_an_edited_export_line_is_found(log: Path, tmp_path: Path):
+    """Changing a requester in the exported file breaks that event's hash: exit 1."""
+    copy = tmp_path / "log.jsonl"
+    await evflow("export", "--store", sqlite_url(log), "-o", str(copy))
+    copy.write_text(copy.read_text().replace('"bob"', '"eve"'))
+
+    result = await evflow("verify", "--file", str(copy), "--json")
+
+    assert result.returncode == 1, result
+    [broken] = verdict(result)["breaks"]
+    assert (broken["execution_id"], broken["version"]) == (execution_of(log, "bob"), 1)
+
+
+async def test_a_line_dropped_from_an_export_is_found(log: Path, tmp_path: Path):
+    """An export with a middle line removed fails on the version after it."""
+    copy = tmp_path / "log.jsonl"
+    await evflow("export", "--store", sqlite_url(log), "-o", str(copy))
+    lines = copy.read_text().splitlines(keepends=True)
+    copy.write_text("".join(lines[:1] + lines[2:]))
+
+    result = await evflow("verify", "--file", str(copy))
+
+    assert result.returncode == 1 and "version 2 is missing" in result.stdout, result
+
+
+async def test_a_file_that_is_no_export_is_refused_naming_the_line(tmp_path: Path):
+    """A line that is not an exported event exits 2 naming the line."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"position": 1}\n')
+
+    result = await evflow("verify", "--file", str(bad))
+
+    assert result.returncode == 2 and "line 1 of" in result.stderr, result
+
+
+async def test_export_since_a_position_goes_on_where_the_last_one_stopped(
+    log: Path, tmp_path: Path
+):
+    """Two exports split at the position the first reported make the whole export."""
+    whole, first, rest = (tmp_path / name for name in ("whole", "first", "rest"))
+    await evflow("export", "--store", sqlite_url(log), "-o", str(whole))
+    await evflow("export", "--store", sqlite_url(log), "-o", str(first), "--since", "0")
+    three = str(rows(log)[2][0])
+
+    split = await evflow(
+        "export", "--store", sqlite_url(log), "-o", str(rest), "--since", f"{three}"
+    )
+
+    assert split.returncode == 0 and "exported 3 events" in split.stderr, split
+    lines = whole.read_text().splitlines(keepends=True)
+    assert first.read_text() == "".join(lines)
+    assert rest.read_text() == "".join(lines[3:])
+
+
+async def test_an_imported_copy_reads_and_verifies_like_the_log(log: Path, tmp_path: Path):
+    """Import into an empty file: same rows, positions and hashes, intact, and foldable."""
+    export, copy = tmp_path / "log.jsonl", tmp_path / "copy.db"
+    await evflow("export", "--store", sqlite_url(log), "-o", str(export))
+
+    imported = await evflow("import", "--store", sqlite_url(copy), str(export))
+    checked = await evflow("verify", "--store", sqlite_url(copy))
+
+    assert imported.returncode == 0 and "imported 6 events" in imported.stderr, imported
+    assert checked.returncode == 0, checked
+    assert rows(copy) == rows(log)
+    store = SqliteStore(copy)
+    await store.open()
+    try:
+        state = fold(await store.read(execution_of(log, "bob")))
+    finally:
+        await store.close()
+    assert state is not None and state.status == "paused"
+
+
+async def test_import_refuses_a_log_that_holds_events(log: Path, tmp_path: Path):
+    """Importing into a used log changes nothing and exits 2 saying to use a new file."""
+    export = tmp_path / "log.jsonl"
+    await evflow("export", "--store", sqlite_url(log), "-o", str(export))
+    before = rows(log)
+
+    result = await evflow("import", "--store", sqlite_url(log), str(export))
+
+    assert result.returncode == 2 and "import into a new file" in result.stderr, result
+    assert rows(log) == before
+
+
+async def test_import_refuses_a_broken_export_whole(log: Path, tmp_path: Path):
+    """A broken chain anywhere in the file imports nothing at all and names the break."""
+    export, copy = tmp_path / "log.jsonl", tmp_path / "copy.db"
+    await evflow("export", "--store", sqlite_url(log), "-o", str(export))
+    export.write_text(export.read_text().replace('"bob"', '"eve"'))
+
+    result = await evflow("import", "--store", sqlite_url(copy), str(export))
+
+    assert result.returncode == 2, result
+    assert f"execution {execution_of(log, 'bob')} breaks at version 1" in result.stderr
+    assert "nothing was imported" in result.stderr
+    assert rows(copy) == []
+
+
+# logs written before the chain, and events stored in an older shape
+
+
+def old_log(path: Path, history: str) -> list[dict]:
+    """A log as evflow wrote it before hashes (two migrations), holding a golden history."""
+    items = json.loads((HISTORIES / history).read_text())
+    with closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        for script in migrations.MIGRATIONS[:2]:
+            db.executescript(script)
+        db.execute("INSERT INTO schema_version VALUES (2)")
+        for item in items:
+            stamp = item["at"].replace("Z", "+00:00")
+            db.execute(
+                "INSERT INTO events (position, execution_id, version, type, schema_version, at,"
+                " data) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    item["position"], item["execution_id"], item["version"],
+                    item["event"]["type"], item["schema_version"], stamp,
+                    json.dumps(item["event"]),
+                ),
+            )  # fmt: skip
+        db.commit()
+    return items
+
+
+async def test_opening_a_log_written_before_hashes_chains_it(tmp_path: Path):
+    """The migration hashes old events exactly as they would have been hashed on append."""
+    path = tmp_path / "old.db"
+    items = old_log(path, "purchase_ordered.json")
+
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        records = await store.records()
+    finally:
+        await store.close()
+
+    assert [(r.prev_hash, r.hash) for r in records] == [(i["prev_hash"], i["hash"]) for i in items]
+    result = await evflow("verify", "--store", sqlite_url(path))
+    assert result.returncode == 0, result
+
+
+async def test_an_event_in_an_older_shape_is_read_as_the_current_type(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """An upcaster lifts an old stored shape on read; the row and its hash stay as stored.
+
+    No evflow event has changed shape yet, so the registry is empty and this test stands
+    in a next schema version: one in which ``ExecutionFailed`` used to nest its error.
+    """
+    upcasters = Upcasters(current=SCHEMA_VERSION + 1)
+
+    @upcasters.register("ExecutionFailed", SCHEMA_VERSION)
+    def flatten_error(old: dict) -> dict:
+        error = old.pop("error")
+        return {**old, "error_type": error["type"], "message": error["message"]}
+
+    monkeypatch.setattr(events, "UPCASTERS", upcasters)
+    path = tmp_path / "log.db"
+    old_shape = {"type": "ExecutionFailed", "error": {"type": "KeyError", "message": "'sku'"}}
+    started = StoredEvent("e", 1, T0, ExecutionStarted("purchase", {"item": "desk"}), 0, 2)
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        [first] = await store.append("e", 0, [started])
+        write_as_an_older_evflow(path, first.hash, old_shape)
+        history = await store.read("e")
+        records = await store.records()
+    finally:
+        await store.close()
+
+    assert history[1].event == ExecutionFailed("KeyError", "'sku'")
+    assert history[1].schema_version == SCHEMA_VERSION
+    assert fold(history).status == "failed"  # type: ignore[union-attr]
+    assert json.loads(bytes(records[1].data)) == old_shape
+    assert (await evflow("verify", "--store", sqlite_url(path))).returncode == 0
+
+
+def write_as_an_older_evflow(path: Path, prev_hash: str | None, data: dict) -> None:
+    """Append version 2 of execution ``e`` at the old schema version, chained as on append."""
+    at, body = "2026-03-01T12:00:01+00:00", json.dumps(data)
+    digest = link_hash("e", 2, "ExecutionFailed", SCHEMA_VERSION, at, body, prev_hash)
+    execute(
+        path,
+        "INSERT INTO events (execution_id, version, type, schema_version, at, data, prev_hash,"
+        " hash) VALUES ('e', 2, 'ExecutionFailed', ?, ?, ?, ?, ?)",
+        SCHEMA_VERSION, at, body, prev_hash, digest,
+    )  # fmt: skip
