@@ -80,8 +80,8 @@ async def test_serve_logs_its_flows_and_how_to_try_them(
 
     assert f"opened the SQLite log at {tmp_path / 'evflow.db'}" in log
     assert f"listening on {nats_server.url}" in log
-    assert "serving flow 'approval' on evflow.flo.approval.invoke" in log
-    assert "serving flow 'purchase' on evflow.flo.purchase.invoke" in log
+    assert "serving flow 'approval' v1 on evflow.flo.approval.invoke" in log
+    assert "serving flow 'purchase' v1 on evflow.flo.purchase.invoke" in log
     assert READY in log
     assert "Traceback" not in log
 

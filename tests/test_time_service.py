@@ -143,6 +143,7 @@ async def test_cancel_ends_a_waiting_execution_with_its_reason(
         "flow": "quote",
         "version": 5,
         "reason": "changed my mind",
+        "flow_version": 1,
     }
     assert kinds == ["started", "paused", "resumed", "waiting", "cancelled"]
     assert types(await events(nc, execution_id))[-1] == "ExecutionCancelled"

@@ -12,6 +12,7 @@ from .errors import (
     AlreadyResumed,
     Expired,
     Finished,
+    FlowVersionGone,
     NondeterminismError,
     NotPaused,
     UnknownExecution,
@@ -121,4 +122,25 @@ def diverged(state: ExecutionState, outcome: object) -> NondeterminismError:
         "code changed since the execution started: restore the old code",
         execution_id=state.execution_id,
         sequence=state.pause.sequence,
+    )
+
+
+def version_gone(state: ExecutionState, registered: list[int]) -> FlowVersionGone:
+    """The refusal of a command on an execution whose flow version the engine does not serve.
+
+    Running it on another version's code would replay a history that code never wrote, so
+    the execution is left as it is until an engine serves its version again.
+    """
+    served = ", ".join(f"v{version}" for version in registered)
+    return FlowVersionGone(
+        f"execution {state.execution_id} started on version {state.flow_version} of flow "
+        f"'{state.flow}', but this engine serves only {served} of it; serve version "
+        f"{state.flow_version} beside the new one (keep its function registered with "
+        f"version={state.flow_version}) to finish the execution, which was left unchanged",
+        execution_id=state.execution_id,
+        status=state.status.value,
+        version=state.version,
+        flow=state.flow,
+        flow_version=state.flow_version,
+        registered=registered,
     )

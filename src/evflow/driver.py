@@ -150,21 +150,21 @@ class Driver:
         )
 
     def flow_for(self, state: ExecutionState) -> FlowDef:
-        """The flow code an execution runs on: its flow, at the version it started on."""
-        flow = self.app.flows.get(state.flow)
-        if flow is None:
+        """The flow code an execution runs on: its flow, at the version it started on.
+
+        ``UnknownFlow`` when the engine serves no flow of that name, ``FlowVersionGone``
+        when it serves the flow but not that version.
+        """
+        versions = self.app.flows.get(state.flow)
+        if not versions:
             raise UnknownFlow(
                 f"execution {state.execution_id} belongs to flow '{state.flow}', which this "
                 "engine does not serve; serve the app that registers it",
                 execution_id=state.execution_id,
             )
-        if flow.version != state.flow_version:
-            raise UnknownFlow(
-                f"execution {state.execution_id} started on version {state.flow_version} of "
-                f"flow '{state.flow}', but this engine serves version {flow.version}; serve "
-                f"version {state.flow_version} beside it to finish the execution",
-                execution_id=state.execution_id,
-            )
+        flow = versions.get(state.flow_version)
+        if flow is None:
+            raise admission.version_gone(state, sorted(versions))
         return flow
 
     def _runner(

@@ -19,7 +19,9 @@ from .errors import (
     Conflict,
     DuplicateCommand,
     EvflowError,
+    FlowVersionGone,
     UnknownExecution,
+    UnknownFlow,
 )
 from .events import (
     ExecutionCancelled,
@@ -142,9 +144,9 @@ class Engine:
         history = await self.store.read(execution_id)
         state = admission.of_flow(fold(history), flow_name, execution_id)
         admission.check_resumable(state, pause)
+        flow = self._driver.flow_for(state)  # before an expiry: no firing into code not served
         if admission.past_deadline(state, self.clock):
             await self._expire_held(state)
-        flow = self._driver.flow_for(state)
         try:
             return await self._driver.answer(flow, history, state, body, key)
         except ConcurrencyError:
@@ -223,11 +225,35 @@ class Engine:
 
         The firing is appended at the version that started the timer, so it lands once
         whoever else fires it or resumes or cancels the execution meanwhile: a timer whose
-        execution has moved on changes nothing. The scheduler calls this.
+        execution has moved on changes nothing. A timer of a flow version this engine does
+        not serve is left unfired. The scheduler calls this.
         """
+        if not await self._serves(timer):
+            return
         if await self._record_firing(timer):
             async with self._driver.exclusive(timer.execution_id):
                 await self._drive_on_after_timer(timer)
+
+    async def _serves(self, timer: Timer) -> bool:
+        """Whether this engine serves the flow version the timer's execution started on.
+
+        A timer of one it does not serve stays pending in the log, unfired: recording the
+        firing would move the execution on with no code of its version to run. The next
+        start of an engine that serves that version reads it from the log and fires it.
+        Known cost: one read of the execution's first event per firing.
+        """
+        started = settled(await self.store.read(timer.execution_id, 1))
+        try:
+            self._driver.flow_for(started)
+        except (UnknownFlow, FlowVersionGone) as error:
+            logger.warning(
+                "the %s timer of execution %s is left unfired: %s",
+                timer.kind,
+                timer.execution_id,
+                error.message,
+            )
+            return False
+        return True
 
     async def _drive_on_after_timer(self, timer: Timer) -> None:
         """Run the flow on from a recorded firing; a failure leaves it for the next start."""
@@ -315,6 +341,8 @@ class Engine:
                     return True
                 except ConcurrencyError:
                     logger.info("execution %s was driven on by another engine", execution_id)
+                except FlowVersionGone as error:  # left as it is for an engine that serves it
+                    logger.warning("execution %s was not recovered: %s", execution_id, error)
                 except EvflowError as error:
                     logger.error("execution %s could not be recovered: %s", execution_id, error)
                 return False

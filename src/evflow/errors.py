@@ -12,7 +12,8 @@ The tree::
     │   ├── NotPaused               409 not_paused
     │   ├── AlreadyResumed          409 already_resumed
     │   ├── Expired                 409 expired: the pause timed out before the resume came
-    │   └── Finished                409 finished
+    │   ├── Finished                409 finished
+    │   └── FlowVersionGone         409 flow_version_gone: its flow version is not served
     ├── NondeterminismError         500 nondeterminism: flow code diverged from its history
     ├── ConcurrencyError            500 concurrency: another writer appended first
     ├── StoreError                  500 store: the log cannot be read or written
@@ -141,6 +142,29 @@ class Finished(Conflict):
     code = "finished"
 
 
+class FlowVersionGone(Conflict):
+    """The execution started on a version of its flow that this engine does not serve.
+
+    It is a conflict between the execution and the engine's code, not a missing resource:
+    the execution and its flow exist, and serving the old version beside the new one lets
+    the same command succeed. Nothing was appended. Besides ``status`` and ``version`` (the
+    execution's), the body carries ``flow``, ``flow_version`` (the version the execution
+    started on) and ``registered`` (the versions the engine serves).
+    """
+
+    code = "flow_version_gone"
+
+    @property
+    def flow_version(self) -> int | None:
+        """The version of the flow the execution started on."""
+        return self.details.get("flow_version")
+
+    @property
+    def registered(self) -> list[int]:
+        """The versions of the flow the engine serves."""
+        return list(self.details.get("registered", []))
+
+
 class NondeterminismError(EvflowError):
     """Replaying flow code issued a different operation than its history recorded."""
 
@@ -228,6 +252,7 @@ _BY_CODE: dict[str, type[EvflowError]] = {
         AlreadyResumed,
         Expired,
         Finished,
+        FlowVersionGone,
         NondeterminismError,
         ConcurrencyError,
         StoreError,

@@ -17,7 +17,14 @@ from .state import ErrorInfo, ExecutionState, Status
 from .subjects import Subjects
 
 
-class Reply(msgspec.Struct, frozen=True, tag_field="status"):
+class _FlowVersioned(msgspec.Struct, frozen=True, kw_only=True):
+    """The field every reply ends with (keyword-only, so it follows each reply's own)."""
+
+    flow_version: int = 1
+    """Version of the flow code the execution runs on: the one it started on."""
+
+
+class Reply(_FlowVersioned, frozen=True, tag_field="status"):
     """Where an execution settled after a command."""
 
     execution_id: str
@@ -150,7 +157,12 @@ class Rejection(msgspec.Struct, frozen=True, omit_defaults=True):
 
 def settle_reply(state: ExecutionState, subjects: Subjects) -> Settled:
     """The reply for an execution at a settle point."""
-    common = {"execution_id": state.execution_id, "flow": state.flow, "version": state.version}
+    common = {
+        "execution_id": state.execution_id,
+        "flow": state.flow,
+        "version": state.version,
+        "flow_version": state.flow_version,
+    }
     match state.status:
         case Status.PAUSED:
             pause = state.pause

@@ -62,7 +62,7 @@ class EvflowService:
             name="evflow",
             version=__version__,
             description="evflow: event-sourced pause-and-resume flows",
-            metadata={"prefix": prefix, "flows": ",".join(sorted(self._engine.app.flows))},
+            metadata={"prefix": prefix, "flows": self._engine.app.summary()},
             stats_handler=self._endpoint_data,
         )
         endpoints: dict[str, tuple[str, Callable[[Request], Awaitable[Answer]]]] = {

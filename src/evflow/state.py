@@ -90,8 +90,8 @@ class ExecutionState(msgspec.Struct, frozen=True, omit_defaults=True):
     """When it was invoked."""
     updated_at: datetime
     """When its latest event happened."""
-    flow_version: int = 1
-    """Version of the flow code it started on."""
+    flow_version: int
+    """Version of the flow code it started on, and runs on to its end (always sent)."""
     pause: PendingPause | None = None
     """The pause it waits on, while paused."""
     wake_at: datetime | None = None

@@ -204,9 +204,10 @@ def _store_folder(store: str) -> Path:
 
 
 def _announce(app: App, server: Server) -> None:
-    for flow in app.flows.values():
-        logger.info("serving flow '%s' on %s", flow.name, server.subjects.invoke(flow.name))
-    example = next(iter(app.flows.values()), None)
+    for flow in app.latest():
+        subject = server.subjects.invoke(flow.name)
+        logger.info("serving flow '%s' %s on %s", flow.name, app.describe(flow.name), subject)
+    example = next(iter(app.latest()), None)
     if example is not None:
         names = [field.name for field in msgspec.structs.fields(example.inputs)]
         fields = " ".join(f"--input {name}=..." for name in names)
