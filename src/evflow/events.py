@@ -85,8 +85,11 @@ class StepCompleted(Event, frozen=True):
 
     kind: ClassVar[str] = "step_completed"
     sequence: int
+    """Position of the step among the flow's operations."""
     name: str
+    """Name of the step, given by the flow."""
     result: Any = None
+    """What the step's function returned (JSON)."""
 
 
 class StepFailed(Event, frozen=True):
@@ -94,9 +97,13 @@ class StepFailed(Event, frozen=True):
 
     kind: ClassVar[str] = "step_failed"
     sequence: int
+    """Position of the step among the flow's operations."""
     name: str
+    """Name of the step, given by the flow."""
     error_type: str
+    """Class name of the exception the step's function raised."""
     message: str
+    """Its message."""
 
 
 class TimerStarted(Event, frozen=True):
@@ -122,6 +129,7 @@ class ExecutionCompleted(Event, frozen=True):
 
     kind: ClassVar[str] = "completed"
     result: Any = None
+    """What the flow returned (JSON)."""
 
 
 class ExecutionFailed(Event, frozen=True):
@@ -129,7 +137,9 @@ class ExecutionFailed(Event, frozen=True):
 
     kind: ClassVar[str] = "failed"
     error_type: str
+    """Class name of the exception the flow raised."""
     message: str
+    """Its message."""
 
 
 class ExecutionCancelled(Event, frozen=True):
