@@ -42,4 +42,4 @@ def main() -> None:
     """evflow: event-sourced pause-and-resume flows on NATS."""
 
 
-from . import executions, serve  # noqa: E402, F401  (each registers its commands on main)
+from . import executions, schemas, serve  # noqa: E402, F401  (each registers its commands on main)
