@@ -82,7 +82,8 @@ class AsyncApi:
     ) -> str:
         name = message["name"]
         header_schema = message.get("headers", {"type": "object"})
-        found = list(Draft202012Validator(header_schema).iter_errors(dict(headers or {})))
+        errors = Draft202012Validator(header_schema).iter_errors(dict(headers or {}))
+        found = [f"at {list(error.absolute_path)}: {error.message}" for error in errors]
         assert not found, f"headers of {what} do not fit message {name}: {found}"
         if "payload" in message:
             path = message["payload"]["schema"]["$ref"].removeprefix("./")

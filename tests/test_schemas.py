@@ -358,6 +358,10 @@ def test_the_asyncapi_document_holds_together() -> None:
     for path in SCHEMAS.rglob("*.json"):
         if path.name != "asyncapi.json":
             assert validator(path.relative_to(SCHEMAS).as_posix()).schema["$schema"] == DIALECT
+    with pytest.raises(AssertionError, match="Evflow-Pause"):
+        api.check_message("evflow.flo.approval.resume.e1", {"Evflow-Pause": "0"}, b"{}")
+    with pytest.raises(AssertionError, match="Evflow-Execution-Id"):
+        api.check_reply("evflow.executions.get.e1", {}, b"{}")
 
 
 def _refs(node: Any) -> list[str]:

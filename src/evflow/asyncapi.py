@@ -65,14 +65,14 @@ class Channel(NamedTuple):
 HEADERS: dict[str, dict[str, Any]] = {
     IDEMPOTENCY_HEADER: {
         "type": "string",
-        "minLength": 1,
+        "pattern": "\\S",
         "maxLength": MAX_KEY_LENGTH,
         "description": "A repeat with the same key gets the first command's outcome; invoke "
         "keys are scoped to the flow, resume and cancel keys to the execution and kind.",
     },
     PAUSE_HEADER: {
         "type": "string",
-        "pattern": "^[0-9]+$",
+        "pattern": "^[0-9]*[1-9][0-9]*$",
         "description": "The sequence of the pause this resume answers (from the paused reply).",
     },
     MSG_ID_HEADER: {
