@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from examples.flows import app
+from jsonschema import Draft202012Validator
 
 from evflow import events
 from evflow.chain import link_hash
@@ -34,6 +35,7 @@ from evflow.store.sqlite import SqliteStore
 from processes import Result, evflow, sqlite_url
 
 HISTORIES = Path(__file__).parent / "histories"
+SCHEMAS = Path(__file__).parent.parent / "schemas"
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
@@ -186,6 +188,9 @@ async def test_an_export_verifies_like_its_log(log: Path, tmp_path: Path):
     assert [i["data"] for i in lines] == [json.loads(r[6]) for r in rows(log)]
     assert of_copy.returncode == 0, of_copy
     assert verdict(of_copy)["digest"] == verdict(of_log)["digest"]
+    schema = json.loads((SCHEMAS / "export-record.json").read_text())
+    for line in lines:
+        Draft202012Validator(schema).validate(line)
 
 
 async def test_an_edited_export_line_is_found(log: Path, tmp_path: Path):

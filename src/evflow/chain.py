@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import AsyncIterable, Iterable
+from typing import Annotated
 
 import msgspec
 
@@ -39,10 +40,10 @@ class Record(msgspec.Struct, frozen=True):
     """Shape version of ``data`` when it was stored."""
     at: str
     """When the engine decided the event, RFC 3339 text as stored."""
-    data: msgspec.Raw
-    """The event object, byte for byte as stored."""
+    data: Annotated[msgspec.Raw, msgspec.Meta(extra_json_schema={"type": "object"})]
+    """The event object, byte for byte as stored (in the shape of its schema version)."""
     prev_hash: str | None
-    """Hash of the execution's previous event; None for version 1."""
+    """Hash of the execution's previous event; null for version 1."""
     hash: str | None
     """sha256 of this event's canonical form, hex."""
 

@@ -240,26 +240,26 @@ class PauseTimedOut(EvflowError):
         self.deadline = deadline
 
 
-_BY_CODE: dict[str, type[EvflowError]] = {
-    cls.code: cls
-    for cls in (
-        InvalidJson,
-        InvalidInput,
-        TooLarge,
-        UnknownFlow,
-        UnknownExecution,
-        NotPaused,
-        AlreadyResumed,
-        Expired,
-        Finished,
-        FlowVersionGone,
-        NondeterminismError,
-        ConcurrencyError,
-        StoreError,
-        InternalError,
-        Unavailable,
-    )
-}
+WIRE_ERRORS: tuple[type[EvflowError], ...] = (
+    InvalidJson,
+    InvalidInput,
+    TooLarge,
+    UnknownFlow,
+    UnknownExecution,
+    NotPaused,
+    AlreadyResumed,
+    Expired,
+    Finished,
+    FlowVersionGone,
+    NondeterminismError,
+    ConcurrencyError,
+    StoreError,
+    InternalError,
+)
+"""The errors an engine sends in error replies and rejections (``Unavailable`` is the
+client's own); the published error schema lists their codes."""
+
+_BY_CODE: dict[str, type[EvflowError]] = {cls.code: cls for cls in (*WIRE_ERRORS, Unavailable)}
 
 
 def from_body(body: dict[str, Any]) -> EvflowError:

@@ -86,8 +86,11 @@ class StepCompleted(Event, frozen=True):
 
     kind: ClassVar[str] = "step_completed"
     sequence: int
+    """Position of the step among the flow's operations."""
     name: str
+    """Name of the step, given by the flow."""
     result: Any = None
+    """What the step's function returned (JSON)."""
 
 
 class StepFailed(Event, frozen=True):
@@ -95,9 +98,13 @@ class StepFailed(Event, frozen=True):
 
     kind: ClassVar[str] = "step_failed"
     sequence: int
+    """Position of the step among the flow's operations."""
     name: str
+    """Name of the step, given by the flow."""
     error_type: str
+    """Class name of the exception the step's function raised."""
     message: str
+    """Its message."""
 
 
 class TimerStarted(Event, frozen=True):
@@ -123,6 +130,7 @@ class ExecutionCompleted(Event, frozen=True):
 
     kind: ClassVar[str] = "completed"
     result: Any = None
+    """What the flow returned (JSON)."""
 
 
 class ExecutionFailed(Event, frozen=True):
@@ -130,7 +138,9 @@ class ExecutionFailed(Event, frozen=True):
 
     kind: ClassVar[str] = "failed"
     error_type: str
+    """Class name of the exception the flow raised."""
     message: str
+    """Its message."""
 
 
 class ExecutionCancelled(Event, frozen=True):

@@ -42,4 +42,9 @@ def main() -> None:
     """evflow: event-sourced pause-and-resume flows on NATS."""
 
 
-from . import audit, executions, serve  # noqa: E402, F401  (each registers its commands on main)
+from . import (  # noqa: E402, F401  (each registers its commands on main)
+    audit,
+    executions,
+    schemas,
+    serve,
+)
