@@ -21,8 +21,9 @@ import aiosqlite
 
 from ..errors import ConcurrencyError, DuplicateCommand, StoreError
 from ..events import SETTLING, StoredEvent, decode, encode
+from ..state import Status
 from ..timers import Timer
-from . import check_append, idempotency_scope
+from . import ExecutionSummary, check_append, idempotency_scope, sqlite_listing
 
 logger = logging.getLogger(__name__)
 
@@ -349,6 +350,19 @@ class SqliteStore:
             )
             for execution_id, version, kind, sequence, due, flow in rows
         ]
+
+    async def list_executions(
+        self,
+        flow: str | None = None,
+        status: Status | None = None,
+        limit: int = 100,
+        before_position: int | None = None,
+    ) -> list[ExecutionSummary]:
+        """The most recently changed executions first; see ``EventStore`` and
+        ``sqlite_listing`` for how, and what it costs."""
+        return await sqlite_listing.list_executions(
+            self._query, flow, status, limit, before_position
+        )
 
     def _reader(self) -> aiosqlite.Connection:
         if self._reader_db is None:
