@@ -284,7 +284,7 @@ class SqliteStore:
 
     async def read(self, execution_id: str, to_version: int | None = None) -> list[StoredEvent]:
         """One execution's events in version order, up to ``to_version`` if given."""
-        limit = to_version if to_version is not None else -1
+        limit = min(to_version, 2**63 - 1) if to_version is not None else -1  # SQLite's max
         return await self._select(
             f"SELECT {_COLUMNS} FROM events WHERE execution_id = ? ORDER BY version LIMIT ?",
             (execution_id, limit),
