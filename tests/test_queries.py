@@ -333,3 +333,19 @@ async def test_the_listing_is_a_micro_endpoint(nc: NATS) -> None:
 
     endpoints = {endpoint["name"]: endpoint["subject"] for endpoint in info["endpoints"]}
     assert endpoints["list"] == LIST
+
+
+@pytest.mark.parametrize("at_version", [0, -1, 5])
+async def test_engine_get_refuses_a_version_it_cannot_fold_to(
+    client: Client, engine_server: Server, at_version: int
+) -> None:
+    """``Engine.get`` guards itself, for Python callers that bypass the wire's decoding."""
+    paused = await client.invoke("approval", APPROVAL)
+    await client.resume("approval", paused.execution_id, YES)
+    assert engine_server.engine is not None
+
+    with pytest.raises(InvalidInput) as refused:
+        await engine_server.engine.get(paused.execution_id, at_version)
+
+    assert refused.value.field == "at_version"
+    assert refused.value.execution_id == paused.execution_id
