@@ -221,7 +221,11 @@ async def captured(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[Cap
             executions = await requests(wire, clock) + await durable_commands(wire)
             for execution_id in executions:
                 await wire.ok(f"evflow.executions.get.{execution_id}")
+                await wire.ok(f"evflow.executions.get.{execution_id}", {"at_version": 1})
                 await wire.ok(f"evflow.executions.history.{execution_id}")
+            page = await wire.ok("evflow.executions.list", {"limit": 2})
+            await wire.ok("evflow.executions.list", {"status": "completed", "after": page["next"]})
+            await wire.refused("evflow.executions.list", {"status": "asleep"}, "invalid_input")
             with closing(sqlite3.connect(log)) as db:
                 (events,) = db.execute("SELECT count(*) FROM events").fetchone()
             notes = await stream(nc, events + 1)  # and the one rejection

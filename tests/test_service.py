@@ -365,7 +365,7 @@ async def test_query_of_an_unknown_execution_is_unknown_execution(nc: NATS, quer
 
 
 async def test_the_service_answers_micro_ping_and_info(nc: NATS) -> None:
-    """Standard NATS tooling finds the service ``evflow`` and its five endpoints."""
+    """Standard NATS tooling finds the service ``evflow`` and its six endpoints."""
     ping = json.loads((await call(nc, "$SRV.PING.evflow")).data)
     info = json.loads((await call(nc, "$SRV.INFO.evflow")).data)
 
@@ -379,6 +379,7 @@ async def test_the_service_answers_micro_ping_and_info(nc: NATS) -> None:
         "cancel": "evflow.flo.*.cancel.*",
         "get": "evflow.executions.get.*",
         "history": "evflow.executions.history.*",
+        "list": "evflow.executions.list",
     }
 
 
@@ -395,6 +396,6 @@ async def test_micro_stats_count_the_requests_per_endpoint(nc: NATS) -> None:
     assert stats["name"] == "evflow"
     by_name = {endpoint["name"]: endpoint for endpoint in stats["endpoints"]}
     counts = {name: endpoint["num_requests"] for name, endpoint in by_name.items()}
-    assert counts == {"invoke": 3, "resume": 1, "cancel": 0, "get": 1, "history": 0}
+    assert counts == {"invoke": 3, "resume": 1, "cancel": 0, "get": 1, "history": 0, "list": 0}
     assert by_name["invoke"]["data"]["error_replies"] == 1
     assert by_name["resume"]["data"]["error_replies"] == 0

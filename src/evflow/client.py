@@ -23,15 +23,18 @@ from .connection import connect
 from .errors import EvflowError, TooLarge, Unavailable, from_body
 from .events import StoredEvent
 from .messages import (
+    ExecutionList,
     Notification,
     Settled,
     error_decoder,
     history_decoder,
+    list_decoder,
     notification_decoder,
     reply_decoder,
     state_decoder,
 )
 from .state import ExecutionState
+from .store import ExecutionSummary
 from .subjects import Subjects
 
 logger = logging.getLogger(__name__)
@@ -186,10 +189,42 @@ class Client:
             ) from None
         return ack.seq
 
-    async def get(self, execution_id: str) -> ExecutionState:
-        """The folded state of an execution."""
-        msg = await self.request(self.subjects.get(execution_id))
+    async def get(self, execution_id: str, at_version: int | None = None) -> ExecutionState:
+        """The folded state of an execution, as it was at version ``at_version`` if given."""
+        body = msgspec.json.encode({"at_version": at_version}) if at_version is not None else b""
+        msg = await self.request(self.subjects.get(execution_id), body)
         return state_decoder.decode(msg.data)
+
+    async def list_executions(
+        self,
+        flow: str | None = None,
+        status: str | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> ExecutionList:
+        """One page of executions, the most recently changed first, of one flow and in one
+        status if given; pass its ``next`` as ``after`` for the page after it.
+
+        ``limit`` is 100 unless given (at most 1000). An execution that changes while you
+        page moves to the front and is not listed again; every other one is listed once.
+        """
+        query = {"flow": flow, "status": status, "limit": limit, "after": after}
+        body = msgspec.json.encode({k: v for k, v in query.items() if v is not None})
+        msg = await self.request(self.subjects.list_executions(), body)
+        return list_decoder.decode(msg.data)
+
+    async def executions(
+        self, flow: str | None = None, status: str | None = None, page_size: int | None = None
+    ) -> AsyncIterator[ExecutionSummary]:
+        """Every execution of the listing, page after page (see ``list_executions``)."""
+        after: str | None = None
+        while True:
+            page = await self.list_executions(flow, status, page_size, after)
+            for summary in page.executions:
+                yield summary
+            if page.next is None:
+                return
+            after = page.next
 
     async def history(self, execution_id: str) -> list[StoredEvent]:
         """The events of an execution in version order."""

@@ -20,6 +20,7 @@ from .errors import (
     DuplicateCommand,
     EvflowError,
     FlowVersionGone,
+    InvalidInput,
     UnknownExecution,
     UnknownFlow,
 )
@@ -31,8 +32,8 @@ from .events import (
     TimerFired,
 )
 from .flow import App
-from .state import ExecutionState, fold
-from .store import EventStore, cancel_scope, invoke_scope, resume_scope
+from .state import ExecutionState, Status, fold
+from .store import EventStore, ExecutionSummary, cancel_scope, invoke_scope, resume_scope
 from .timers import Clock, Scheduler, SystemClock, Timer, pending_timer
 
 logger = logging.getLogger(__name__)
@@ -305,14 +306,43 @@ class Engine:
         return admission.of_flow(await self._driver.outcome_of(first), flow_name, execution_id)
 
     async def get(self, execution_id: str, at_version: int | None = None) -> ExecutionState:
-        """The folded state of an execution."""
+        """The folded state of an execution, as it was at ``at_version`` if given.
+
+        A version below 1, or beyond the execution's latest, is refused as
+        ``InvalidInput`` naming ``at_version`` (and the latest version).
+        """
+        if at_version is not None and at_version < 1:
+            raise InvalidInput(
+                f"at_version must be an integer >= 1, not {at_version}: a version of "
+                f"execution {execution_id}; leave it out for the latest state",
+                execution_id=execution_id,
+                field="at_version",
+            )
         state = fold(await self.store.read(execution_id, at_version))
         if state is None:
             raise UnknownExecution(
                 f"no execution {execution_id}; check the execution ID",
                 execution_id=execution_id,
             )
+        if at_version is not None and at_version > state.version:
+            raise InvalidInput(
+                f"execution {execution_id} has no version {at_version}: its latest is "
+                f"{state.version}; ask for at_version from 1 to {state.version}",
+                execution_id=execution_id,
+                field="at_version",
+                version=state.version,
+            )
         return state
+
+    async def list_executions(
+        self,
+        flow: str | None = None,
+        status: Status | None = None,
+        limit: int = 100,
+        before_position: int | None = None,
+    ) -> list[ExecutionSummary]:
+        """Executions, the most recently changed first; see ``EventStore.list_executions``."""
+        return await self.store.list_executions(flow, status, limit, before_position)
 
     async def history(self, execution_id: str) -> list[StoredEvent]:
         """The events of an execution, in version order."""

@@ -8,13 +8,17 @@ log always gives the same bytes (which makes idempotent repeats byte-for-byte eq
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
 from .events import AnyEvent, ExecutionPaused, StoredEvent
 from .state import ErrorInfo, ExecutionState, Status
+from .store import ExecutionSummary
 from .subjects import Subjects
+
+MAX_LIST_LIMIT = 1000
+"""Most executions one listing page holds: a full page stays far below NATS's 1 MiB."""
 
 
 class _FlowVersioned(msgspec.Struct, frozen=True, kw_only=True):
@@ -99,6 +103,35 @@ class History(msgspec.Struct, frozen=True):
     """The execution."""
     events: list[StoredEvent]
     """Its events in version order."""
+
+
+class GetQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The body of a get query; empty (or ``{}``) asks for the latest state."""
+
+    at_version: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    """Fold the events up to this version only, to see the execution as it was then."""
+
+
+class ListQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The body of a listing query; every field is optional."""
+
+    flow: str | None = None
+    """Only executions of this flow."""
+    status: Status | None = None
+    """Only executions in this status."""
+    limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_LIST_LIMIT)] = 100
+    """Most executions in the page."""
+    after: str | None = None
+    """The ``next`` token of the previous page; absent for the most recently changed."""
+
+
+class ExecutionList(msgspec.Struct, frozen=True):
+    """One page of the listing: the most recently changed executions first."""
+
+    executions: list[ExecutionSummary]
+    """The executions of the page."""
+    next: str | None
+    """Send as ``after`` for the next page; null when this page is the last."""
 
 
 class Notification(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -224,5 +257,6 @@ reply_decoder = msgspec.json.Decoder(Settled)
 notification_decoder = msgspec.json.Decoder(Notification)
 history_decoder = msgspec.json.Decoder(History)
 state_decoder = msgspec.json.Decoder(ExecutionState)
+list_decoder = msgspec.json.Decoder(ExecutionList)
 error_decoder = msgspec.json.Decoder(ErrorReply)
 encoder = msgspec.json.Encoder()

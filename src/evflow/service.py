@@ -19,7 +19,7 @@ from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
 from nats.micro.service import EndpointStats
 from nats.micro.service import Service as MicroService
 
-from . import __version__, commands
+from . import __version__, commands, queries
 from .engine import Engine
 from .errors import EvflowError, InternalError, TooLarge
 from .messages import ErrorReply, History, encoder, settle_reply
@@ -29,8 +29,8 @@ logger = logging.getLogger(__name__)
 
 EXECUTION_HEADER = "Evflow-Execution-Id"
 
-Answer = tuple[bytes, str]
-"""A reply body and the execution it concerns."""
+Answer = tuple[bytes, str | None]
+"""A reply body and the execution it concerns, if it concerns one."""
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -71,6 +71,7 @@ class EvflowService:
             "cancel": (f"{prefix}.flo.*.cancel.*", self._command),
             "get": (f"{prefix}.executions.get.*", self._get),
             "history": (f"{prefix}.executions.history.*", self._history),
+            "list": (self._subjects.list_executions(), self._list),
         }
         for name, (subject, command) in endpoints.items():
             await self._micro.add_endpoint(
@@ -108,7 +109,8 @@ class EvflowService:
         try:
             body, execution_id = await command(request)
             self._check_fits(body, execution_id, request.subject)
-            await request.respond(body, headers={EXECUTION_HEADER: execution_id})
+            headers = {EXECUTION_HEADER: execution_id} if execution_id is not None else None
+            await request.respond(body, headers=headers)
             return
         except EvflowError as error:
             failure = error
@@ -121,13 +123,14 @@ class EvflowService:
         self._errors[endpoint] = self._errors.get(endpoint, 0) + 1
         await self._respond_error(request, failure, self._named_execution(endpoint, request))
 
-    def _check_fits(self, body: bytes, execution_id: str, subject: str) -> None:
+    def _check_fits(self, body: bytes, execution_id: str | None, subject: str) -> None:
         """Refuse a reply NATS would not carry, instead of failing to send it."""
         limit = self._nc.max_payload - 1024
         if len(body) > limit:
+            concerning = f" for execution {execution_id}" if execution_id is not None else ""
             raise TooLarge(
-                f"the reply on {subject} for execution {execution_id} is {len(body)} bytes, "
-                f"more than the {limit} NATS carries; read the execution from the store",
+                f"the reply on {subject}{concerning} is {len(body)} bytes, more than the "
+                f"{limit} NATS carries; ask for less (a smaller limit) or read the store",
                 execution_id=execution_id,
             )
 
@@ -159,9 +162,15 @@ class EvflowService:
 
     async def _get(self, request: Request) -> Answer:
         execution_id = self._subjects.tokens(request.subject)[2]
-        return encoder.encode(await self._engine.get(execution_id)), execution_id
+        query = queries.get_query(request.data, execution_id)
+        state = await self._engine.get(execution_id, query.at_version)
+        return encoder.encode(state), execution_id
 
     async def _history(self, request: Request) -> Answer:
         execution_id = self._subjects.tokens(request.subject)[2]
         events = await self._engine.history(execution_id)
         return encoder.encode(History(execution_id, events)), execution_id
+
+    async def _list(self, request: Request) -> Answer:
+        page = await queries.list_page(self._engine, queries.list_query(request.data))
+        return encoder.encode(page), None

@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 
 from .events import (
+    EVENT_TYPES,
     ExecutionCancelled,
     ExecutionCompleted,
     ExecutionFailed,
@@ -194,3 +195,28 @@ def _transition(state: ExecutionState, stored: StoredEvent) -> ExecutionState:
                 f"execution {state.execution_id}: {type(other).__name__} at version "
                 f"{stored.version} cannot follow the start"
             )
+
+
+_STATUS_AFTER: dict[str, Status] = {
+    ExecutionPaused.__name__: Status.PAUSED,
+    TimerStarted.__name__: Status.WAITING,
+    ExecutionCompleted.__name__: Status.COMPLETED,
+    ExecutionFailed.__name__: Status.FAILED,
+    ExecutionCancelled.__name__: Status.CANCELLED,
+}
+
+
+def status_after(event_type: str) -> Status:
+    """The status of an execution whose latest event is of type ``event_type`` (its tag).
+
+    The fold reaches the same status: only a settling event moves an execution off
+    ``running``, and every other event leaves it running. A store that lists executions
+    derives their status from their latest event alone with this, without folding.
+    """
+    return _STATUS_AFTER.get(event_type, Status.RUNNING)
+
+
+def event_types_of(status: Status) -> tuple[str, ...]:
+    """The event types (tags) after which an execution has ``status``: ``status_after``
+    turned around, for a store that filters its listing by status."""
+    return tuple(cls.__name__ for cls in EVENT_TYPES if status_after(cls.__name__) is status)

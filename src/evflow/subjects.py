@@ -73,6 +73,10 @@ class Subjects(msgspec.Struct, frozen=True):
         """Where an execution's events are queried."""
         return f"{self.prefix}.executions.history.{token(execution_id, 'execution_id')}"
 
+    def list_executions(self) -> str:
+        """Where executions are listed, the most recently changed first, a page at a time."""
+        return f"{self.prefix}.executions.list"
+
     def notification(self, flow: str, execution_id: str, kind: str) -> str:
         """Where the notification of one event is published."""
         return f"{self.prefix}.events.{flow}.{execution_id}.{kind}"

@@ -19,16 +19,21 @@ from evflow.chain import Record, record_hash, verify
 from evflow.errors import ConcurrencyError, DuplicateCommand, EvflowError
 from evflow.events import (
     Event,
+    ExecutionCancelled,
     ExecutionCompleted,
+    ExecutionFailed,
     ExecutionPaused,
     ExecutionResumed,
     ExecutionStarted,
+    PauseExpired,
     StepCompleted,
+    StepFailed,
     StoredEvent,
     TimerFired,
     TimerStarted,
 )
-from evflow.store import EventStore, invoke_scope, resume_scope
+from evflow.state import Status, fold
+from evflow.store import EventStore, ExecutionSummary, invoke_scope, resume_scope
 from evflow.timers import Timer
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -531,3 +536,182 @@ class StoreContract(abc.ABC):
         finally:
             await copy.close()
         assert not await store.is_empty()
+
+    # listing executions
+
+    async def test_listing_describes_each_execution_by_its_first_and_latest_events(
+        self, store: EventStore
+    ):
+        """A row carries the flow and flow version of the start, and the version, status,
+        time and position of the latest event."""
+        first = stored("a", 1, ExecutionStarted("purchase", {}, flow_version=3))
+        await store.append("a", 0, [first, pause("a", 2)])
+        await store.append("a", 2, [resume("a", 3)])
+        await store.append("b", 0, [start("b")])
+
+        rows = await store.list_executions()
+
+        latest = (await store.read("a"))[-1]
+        assert rows[1] == ExecutionSummary(
+            execution_id="a",
+            flow="purchase",
+            flow_version=3,
+            status=Status.RUNNING,
+            version=3,
+            started_at=T0 + timedelta(seconds=1),
+            updated_at=T0 + timedelta(seconds=3),
+            position=latest.position,
+        )
+        assert (rows[0].execution_id, rows[0].flow, rows[0].flow_version) == ("b", "approval", 1)
+
+    async def test_listing_puts_the_most_recently_changed_first(self, store: EventStore):
+        """The order follows each execution's latest event, not its start."""
+        for name in "abc":
+            await store.append(name, 0, [start(name)])
+        await store.append("a", 1, [pause("a", 2)])
+
+        rows = await store.list_executions()
+
+        assert [row.execution_id for row in rows] == ["a", "c", "b"]
+        positions = [row.position for row in rows]
+        assert positions == sorted(positions, reverse=True)
+
+    async def test_listing_derives_each_status_from_the_latest_event_as_the_fold_does(
+        self, store: EventStore
+    ):
+        """Every status, reached by every kind of latest event, is listed as the fold of
+        that execution's history says, and the status filter keeps exactly those."""
+        histories = _histories_in_every_status()
+        for name, events in histories.items():
+            await store.append(name, 0, events)
+
+        everything = await store.list_executions(limit=100)
+        by_status = {
+            status: {row.execution_id for row in await store.list_executions(status=status)}
+            for status in Status
+        }
+
+        folded = {name: fold(events) for name, events in histories.items()}
+        assert {row.execution_id: row.status for row in everything} == {
+            name: state.status for name, state in folded.items() if state is not None
+        }
+        for status in Status:
+            expected = {name for name, state in folded.items() if state and state.status is status}
+            assert by_status[status] == expected, status
+        assert {status for status in Status if by_status[status]} == set(Status)
+
+    async def test_listing_filters_by_flow_and_by_flow_and_status(self, store: EventStore):
+        """Only executions of the flow named, exactly, and in the status named if any."""
+        await store.append("a", 0, [start("a", "approval"), pause("a", 2)])
+        await store.append("b", 0, [start("b", "approval")])
+        await store.append("c", 0, [start("c", "purchase"), pause("c", 2)])
+
+        approvals = await store.list_executions(flow="approval")
+        paused = await store.list_executions(flow="approval", status=Status.PAUSED)
+
+        assert [row.execution_id for row in approvals] == ["b", "a"]
+        assert [row.execution_id for row in paused] == ["a"]
+        assert await store.list_executions(flow="approv") == []
+        assert await store.list_executions(flow="nope", status=Status.PAUSED) == []
+
+    async def test_listing_pages_with_the_position_of_the_last_row(self, store: EventStore):
+        """Pages of ``limit`` rows, each starting before the last row of the one before,
+        list every execution once, in order, and end with an empty page."""
+        names = [f"x{i}" for i in range(7)]
+        for name in names:
+            await store.append(name, 0, [start(name)])
+
+        pages = await _all_pages(store, limit=3)
+
+        assert [len(page) for page in pages] == [3, 3, 1, 0]
+        assert [row.execution_id for page in pages for row in page] == names[::-1]
+
+    async def test_paging_while_executions_change_lists_each_unchanged_one_once(
+        self, store: EventStore
+    ):
+        """After every page, an execution already listed and one not yet listed change,
+        and a new one starts. An execution that does not change is listed exactly once;
+        one that changes is never listed twice; one started after paging began is not
+        listed (it is newer than the pages)."""
+        names = [f"x{i:02}" for i in range(30)]
+        for name in names:
+            await store.append(name, 0, [start(name)])
+        changed: set[str] = set()
+        listed: list[str] = []
+        before: int | None = None
+
+        for _ in range(30):
+            page = await store.list_executions(limit=4, before_position=before)
+            if not page:
+                break
+            listed += [row.execution_id for row in page]
+            before = page[-1].position
+            ahead = names[29 - len(listed) - 3] if len(listed) + 3 < 30 else None
+            for name in filter(None, (page[0].execution_id, ahead)):
+                if name not in changed:
+                    await store.append(name, 1, [pause(name, 2)])
+                    changed.add(name)
+            await store.append(f"new{len(listed)}", 0, [start(f"new{len(listed)}")])
+
+        unchanged = [name for name in names[::-1] if name not in changed]
+        assert len(listed) == len(set(listed)), f"an execution was listed twice: {listed}"
+        assert [name for name in listed if name not in changed] == unchanged
+        assert not [name for name in listed if name.startswith("new")]
+        assert len(changed) > 10 and set(changed) - set(listed), "the test changed too little"
+
+    async def test_listing_an_empty_log_gives_no_rows(self, store: EventStore):
+        assert await store.list_executions() == []
+        assert await store.list_executions(status=Status.RUNNING, flow="approval") == []
+
+
+def _histories_in_every_status() -> dict[str, list[StoredEvent]]:
+    """One history per kind of latest event, covering every status."""
+    wake = T0 + timedelta(hours=1)
+    timer = TimerStarted(1, wake)
+    prefix = {
+        "started": [],
+        "resumed": [pause("resumed", 2)],
+        "stepped": [stored("stepped", 2, StepCompleted(1, "s"))],
+        "step_failed": [],
+        "woke": [stored("woke", 2, timer)],
+        "expired": [pause("expired", 2)],
+        "paused": [pause("paused", 2)],
+        "waiting": [stored("waiting", 2, timer)],
+        "completed": [],
+        "failed": [],
+        "cancelled": [pause("cancelled", 2)],
+    }
+    latest: dict[str, Event | None] = {
+        "started": None,
+        "resumed": ExecutionResumed(1, {"approved": True}),
+        "stepped": None,
+        "step_failed": StepFailed(1, "s", "OSError", "disk full"),
+        "woke": TimerFired(1),
+        "expired": PauseExpired(1),
+        "paused": None,
+        "waiting": None,
+        "completed": ExecutionCompleted({"ok": True}),
+        "failed": ExecutionFailed("ValueError", "no"),
+        "cancelled": ExecutionCancelled("not needed"),
+    }
+    histories = {}
+    for name, middle in prefix.items():
+        events = [start(name), *middle]
+        last = latest[name]
+        if last is not None:
+            events.append(stored(name, len(events) + 1, last))
+        histories[name] = events
+    return histories
+
+
+async def _all_pages(
+    store: EventStore, limit: int, before: int | None = None
+) -> list[list[ExecutionSummary]]:
+    """Every page of the listing from ``before`` on, up to and with the first empty one."""
+    pages: list[list[ExecutionSummary]] = []
+    while not pages or pages[-1]:
+        assert len(pages) < 100, "the pages never end"
+        pages.append(await store.list_executions(limit=limit, before_position=before))
+        before = pages[-1][-1].position if pages[-1] else before
+        await asyncio.sleep(0)
+    return pages

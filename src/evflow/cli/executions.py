@@ -1,4 +1,5 @@
-"""The commands that talk to a running engine: invoke, resume, cancel, show, history, watch."""
+"""The commands that talk to a running engine: invoke, resume, cancel, show, history, ls,
+watch."""
 
 from __future__ import annotations
 
@@ -13,7 +14,17 @@ from rich.table import Table
 
 from ..client import Client
 from ..errors import EvflowError
-from ..messages import Cancelled, Completed, Failed, Paused, Settled, Waiting
+from ..messages import (
+    MAX_LIST_LIMIT,
+    Cancelled,
+    Completed,
+    ExecutionList,
+    Failed,
+    Paused,
+    Settled,
+    Waiting,
+)
+from ..state import Status
 from . import err, main, nats_option, out
 
 
@@ -93,11 +104,18 @@ def cancel(
 
 @main.command()
 @click.argument("execution_id")
+@click.option(
+    "--at",
+    "at_version",
+    type=click.IntRange(min=1),
+    metavar="VERSION",
+    help="The state as it was at this version (1 is the start).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the state as JSON.")
 @nats_option
-def show(execution_id: str, as_json: bool, nats_url: str) -> None:
-    """Print the folded state of an execution."""
-    state = _call(nats_url, lambda c: c.get(execution_id))
+def show(execution_id: str, at_version: int | None, as_json: bool, nats_url: str) -> None:
+    """Print the folded state of an execution, now or at a version."""
+    state = _call(nats_url, lambda c: c.get(execution_id, at_version))
     if as_json:
         click.echo(msgspec.json.encode(state))
         return
@@ -134,6 +152,54 @@ def history(execution_id: str, as_json: bool, nats_url: str) -> None:
             _text(data),
         )
     out.print(table)
+
+
+@main.command(name="ls")
+@click.option("--flow", help="Only executions of this flow.")
+@click.option(
+    "--status",
+    type=click.Choice([status.value for status in Status], case_sensitive=False),
+    help="Only executions in this status.",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(1, MAX_LIST_LIMIT),
+    default=50,
+    show_default=True,
+    help="Most executions to print.",
+)
+@click.option("--after", metavar="TOKEN", help="Go on after the page that gave this token.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines, one execution a line.")
+@nats_option
+def list_executions(
+    flow: str | None,
+    status: str | None,
+    limit: int,
+    after: str | None,
+    as_json: bool,
+    nats_url: str,
+) -> None:
+    """List executions, the most recently changed first."""
+    page: ExecutionList = _call(nats_url, lambda c: c.list_executions(flow, status, limit, after))
+    if as_json:
+        for row in page.executions:
+            click.echo(msgspec.json.encode(row))
+    elif page.executions:
+        table = Table()
+        for column in ("execution", "flow", "version", "status", "last change"):
+            table.add_column(column, no_wrap=True)
+        for row in page.executions:
+            at = row.updated_at.isoformat(timespec="milliseconds")
+            table.add_row(row.execution_id, row.flow, str(row.version), row.status.value, at)
+        out.print(table)
+
+    if not page.executions:
+        err.print("no executions match", highlight=False)
+    if page.next is not None:
+        options = {"--flow": flow, "--status": status, "--limit": str(limit), "--after": page.next}
+        again = " ".join(f"{name} {value}" for name, value in options.items() if value)
+        flag = " --json" if as_json else ""
+        err.print(f"more executions follow: evflow ls {again}{flag}", highlight=False)
 
 
 @main.command()

@@ -9,12 +9,37 @@ a unique scope in the log, so a repeated command is found again after a restart.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
+import msgspec
+
 from ..chain import Record
 from ..events import ExecutionCancelled, ExecutionResumed, ExecutionStarted, StoredEvent
+from ..state import Status
 from ..timers import Timer
+
+
+class ExecutionSummary(msgspec.Struct, frozen=True):
+    """One row of a listing: an execution as its first and latest events describe it."""
+
+    execution_id: str
+    """The execution."""
+    flow: str
+    """Name of its flow."""
+    flow_version: int
+    """Version of the flow code it started on."""
+    status: Status
+    """Where it stands, from the type of its latest event (``state.status_after``)."""
+    version: int
+    """Version of its latest event."""
+    started_at: datetime
+    """When it was invoked."""
+    updated_at: datetime
+    """When its latest event happened."""
+    position: int
+    """Position of its latest event in the whole log: where a listing page ends."""
 
 
 class EventStore(Protocol):
@@ -65,6 +90,23 @@ class EventStore(Protocol):
     async def pending_timers(self) -> list[Timer]:
         """The timer of every execution whose latest event starts one: a wait not yet fired,
         or a pause with a deadline not yet answered. The engine's scheduler starts from it."""
+
+    async def list_executions(
+        self,
+        flow: str | None = None,
+        status: Status | None = None,
+        limit: int = 100,
+        before_position: int | None = None,
+    ) -> list[ExecutionSummary]:
+        """At most ``limit`` executions, the most recently changed first, of one flow and
+        in one status if given.
+
+        The order is the position of each execution's latest event, newest first. Passing
+        the ``position`` of a page's last row as ``before_position`` gives the next page:
+        an execution that does not change meanwhile is listed exactly once, while one that
+        changes moves to the front, past the pages still to come. The status is derived
+        from the latest event's type, never stored beside the log.
+        """
 
     async def load_checkpoint(self, name: str) -> int:
         """The global position checkpoint ``name`` was last saved at; 0 if never saved."""
@@ -166,6 +208,7 @@ async def open_store(url: str, *, existing: bool = False) -> EventStore:
 
 __all__ = [
     "EventStore",
+    "ExecutionSummary",
     "cancel_scope",
     "check_append",
     "idempotency_scope",

@@ -18,14 +18,15 @@ from datetime import datetime
 from pathlib import Path
 
 import aiosqlite
-from msgspec import Raw
 
 from ..chain import Record, link_hash
 from ..errors import ConcurrencyError, DuplicateCommand, StoreError
-from ..events import SETTLING, StoredEvent, decode, encode
+from ..events import SETTLING, StoredEvent, encode
+from ..state import Status
 from ..timers import Timer
-from . import check_append, idempotency_scope
+from . import ExecutionSummary, check_append, idempotency_scope, sqlite_listing
 from .migrations import migrate
+from .rows import record, scope_of, stored_event
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +261,7 @@ class SqliteStore:
 
     async def read(self, execution_id: str, to_version: int | None = None) -> list[StoredEvent]:
         """One execution's events in version order, up to ``to_version`` if given."""
-        limit = to_version if to_version is not None else -1
+        limit = min(to_version, 2**63 - 1) if to_version is not None else -1  # SQLite's max
         return await self._select(
             f"SELECT {_COLUMNS} FROM events WHERE execution_id = ? ORDER BY version LIMIT ?",
             (execution_id, limit),
@@ -337,10 +338,7 @@ class SqliteStore:
             f"SELECT {_COLUMNS} FROM events WHERE {where} ORDER BY position LIMIT ?",
             (*params, limit),
         )
-        return [
-            Record(position, execution_id, version, type_, schema, at, Raw(data), prev, digest)
-            for position, execution_id, version, type_, schema, at, data, prev, digest in rows
-        ]
+        return [record(*row) for row in rows]
 
     async def import_records(self, records: Sequence[Record]) -> None:
         """Write ``records`` as they are, positions and hashes kept; see ``EventStore``."""
@@ -349,7 +347,7 @@ class SqliteStore:
         assert db is not None
         rows = [
             (r.position, r.execution_id, r.version, r.type, r.schema_version, r.at,
-             bytes(r.data).decode(), r.prev_hash, r.hash, _scope_of(r))
+             bytes(r.data).decode(), r.prev_hash, r.hash, scope_of(r))
             for r in records
         ]  # fmt: skip
         await db.execute("BEGIN IMMEDIATE")
@@ -370,6 +368,19 @@ class SqliteStore:
         """True when the log holds no event."""
         return not await self._query("SELECT 1 FROM events LIMIT 1")
 
+    async def list_executions(
+        self,
+        flow: str | None = None,
+        status: Status | None = None,
+        limit: int = 100,
+        before_position: int | None = None,
+    ) -> list[ExecutionSummary]:
+        """The most recently changed executions first; see ``EventStore`` and
+        ``sqlite_listing`` for how, and what it costs."""
+        return await sqlite_listing.list_executions(
+            self._query, flow, status, limit, before_position
+        )
+
     def _reader(self) -> aiosqlite.Connection:
         if self._reader_db is None:
             raise StoreError(f"the SQLite log at {self.path} is closed; open it before reading")
@@ -386,37 +397,4 @@ class SqliteStore:
         return list(await self._reader().execute_fetchall(sql, params))
 
     async def _select(self, sql: str, params: tuple[object, ...]) -> list[StoredEvent]:
-        return [_stored(*row) for row in await self._query(sql, params)]
-
-
-def _scope_of(record: Record) -> str | None:
-    """The idempotency scope an imported event claims, as its append would have."""
-    stored = StoredEvent(
-        record.execution_id, record.version, datetime.fromisoformat(record.at),
-        decode(bytes(record.data), record.schema_version),
-    )  # fmt: skip
-    return idempotency_scope(stored)
-
-
-def _stored(
-    position: int,
-    execution_id: str,
-    version: int,
-    _type: str,
-    schema_version: int,
-    at: str,
-    data: str,
-    prev_hash: str | None,
-    digest: str | None,
-) -> StoredEvent:
-    """A stored event from a row of ``_COLUMNS``, its event upcast to the current types."""
-    return StoredEvent(
-        execution_id=execution_id,
-        version=version,
-        at=datetime.fromisoformat(at),
-        event=decode(data, schema_version),
-        position=position,
-        schema_version=schema_version,
-        prev_hash=prev_hash,
-        hash=digest,
-    )
+        return [stored_event(*row) for row in await self._query(sql, params)]
