@@ -132,11 +132,12 @@ def store_path(url: str) -> Path:
     return Path(path)
 
 
-async def open_store(url: str) -> EventStore:
-    """Open the store a URL names (see ``store_path``)."""
+async def open_store(url: str, read_only: bool = False) -> EventStore:
+    """Open the store a URL names (see ``store_path``); ``read_only`` for auditors, who must
+    find the log there and can change nothing in it."""
     from .sqlite import SqliteStore
 
-    store = SqliteStore(store_path(url))
+    store = SqliteStore(store_path(url), read_only=read_only)
     await store.open()
     return store
 

@@ -5,6 +5,9 @@ commits them in one transaction (group commit), each inside its own savepoint so
 append's version clash does not undo the others. A lone append is committed at once: a
 batch closes when the writer is free, never after a sleep. Reads use a second connection,
 which WAL lets run beside the writer.
+
+Opened ``read_only``, the store has only the reader, through SQLite's read-only mode: an
+auditor's replay or export can read a log, served or not, with no way to change it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import sqlite3
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
+from urllib.parse import quote
 
 import aiosqlite
 
@@ -86,11 +90,16 @@ class SqliteStore:
         synchronous: SQLite's ``synchronous`` pragma. ``FULL`` (the default) makes every
             acknowledged append survive a power cut; ``NORMAL`` may lose the last
             transactions on power loss (not on a process crash) and is faster.
+        read_only: open only for reading: the file must exist and hold an evflow log; no
+            schema migration runs and every append or checkpoint move is refused.
     """
 
-    def __init__(self, path: str | os.PathLike[str], synchronous: str = "FULL"):
+    def __init__(
+        self, path: str | os.PathLike[str], synchronous: str = "FULL", read_only: bool = False
+    ):
         self.path = Path(path)
         self.synchronous = synchronous
+        self.read_only = read_only
         self._writer_db: aiosqlite.Connection | None = None
         self._reader_db: aiosqlite.Connection | None = None
         self._queue: asyncio.Queue[_Append | _Checkpoint] = asyncio.Queue()
@@ -98,6 +107,9 @@ class SqliteStore:
 
     async def open(self) -> None:
         """Open both connections, migrate the schema and start the writer."""
+        if self.read_only:
+            await self._open_read_only()
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._writer_db = await self._connect()
@@ -107,6 +119,41 @@ class SqliteStore:
             raise StoreError(f"cannot open the SQLite log at {self.path}: {error}") from error
         self._writer = asyncio.create_task(self._write_loop(), name="evflow-sqlite-writer")
         logger.info("opened the SQLite log at %s", self.path)
+
+    async def _open_read_only(self) -> None:
+        """Open the reader alone, in SQLite's read-only mode, on a log that must exist.
+
+        SQLite may create the empty ``-wal`` and ``-shm`` companions of a WAL file beside
+        it, to share its lock with a writer; the log itself is never written.
+        """
+        if not self.path.is_file():
+            raise StoreError(f"there is no SQLite log at {self.path}; check the store URL")
+        uri = f"file:{quote(str(self.path.resolve()))}?mode=ro"
+        try:
+            self._reader_db = await aiosqlite.connect(uri, uri=True, isolation_level=None)
+            await self._reader_db.execute("PRAGMA busy_timeout=10000")
+            await self._check_schema()
+        except BaseException as error:
+            await self.close()  # else the connection's thread keeps the process alive
+            if isinstance(error, sqlite3.Error):
+                raise StoreError(f"cannot read the SQLite log at {self.path}: {error}") from error
+            raise
+        logger.info("opened the SQLite log at %s read-only", self.path)
+
+    async def _check_schema(self) -> None:
+        """Refuse a file that is no evflow log, or one a newer evflow wrote."""
+        rows = await self._query(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+        )
+        if not rows:
+            raise StoreError(f"{self.path} is not an evflow log: it has no schema_version table")
+        rows = await self._query("SELECT version FROM schema_version")
+        version = rows[0][0] if rows else 0
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"the SQLite log at {self.path} has schema version {version}, newer than the "
+                f"{len(MIGRATIONS)} this evflow reads; use the evflow that wrote it"
+            )
 
     async def _connect(self) -> aiosqlite.Connection:
         db = await aiosqlite.connect(self.path, isolation_level=None)
@@ -165,6 +212,10 @@ class SqliteStore:
         return rows[0][0] if rows else 0
 
     def _check_open(self, doing: str) -> None:
+        if self.read_only:
+            raise StoreError(
+                f"the SQLite log at {self.path} was opened read-only; {doing} is refused"
+            )
         if self._writer is None:
             raise StoreError(f"the SQLite log at {self.path} is closed; open it before {doing}")
 
