@@ -2,7 +2,7 @@
 
 Built on click (parsing, environment variables, help) and rich (tables and colour).
 ``serve`` lives in ``cli.serve``; the commands that talk to a running engine in
-``cli.executions``.
+``cli.executions``; ``replay``, which reads a log offline, in ``cli.replay``.
 """
 
 from __future__ import annotations
@@ -42,4 +42,4 @@ def main() -> None:
     """evflow: event-sourced pause-and-resume flows on NATS."""
 
 
-from . import executions, serve  # noqa: E402, F401  (each registers its commands on main)
+from . import executions, replay, serve  # noqa: E402, F401  (each registers its commands on main)
