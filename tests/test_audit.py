@@ -165,7 +165,7 @@ async def test_verify_refuses_an_unknown_execution_or_a_missing_log(log: Path, t
     missing = await evflow("verify", "--store", sqlite_url(tmp_path / "none.db"))
 
     assert unknown.returncode == 2 and "no events of execution nope" in unknown.stderr
-    assert missing.returncode == 2 and "there is no log at" in missing.stderr
+    assert missing.returncode == 2 and "there is no SQLite log at" in missing.stderr
     assert not (tmp_path / "none.db").exists()
 
 

@@ -72,6 +72,7 @@ class Context:
             if sequence is not None:
                 self._recorded.setdefault(sequence, []).append(stored)
         self._sequence = 0
+        self._last = (0, "")
         self._now = history[0].at
 
     def now(self) -> datetime:
@@ -91,6 +92,18 @@ class Context:
     def recorded_operations(self) -> int:
         """How many operations the history holds."""
         return max(self._recorded, default=0)
+
+    @property
+    def last_operation(self) -> tuple[int, str]:
+        """The latest operation the flow code issued: its sequence, and its name as
+        ``describe`` gives it (``(0, "")`` before any). A replay that stops past the end of
+        a history reports it: what the code goes on with."""
+        return self._last
+
+    def recorded_operation(self, sequence: int) -> str:
+        """The operation the history records at ``sequence``, as ``describe`` names it."""
+        recorded = self._recorded.get(sequence)
+        return describe(recorded[0].event) if recorded else ""
 
     async def step(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` once and record its JSON-serialisable result.
@@ -279,11 +292,12 @@ class Context:
 
     def _expect(self, sequence: int, operation: str, name: str) -> list[StoredEvent]:
         """The recorded events of ``sequence``, after checking they record this operation."""
+        now = (operation, name)
+        self._last = (sequence, _named(now))
         recorded = self._recorded.get(sequence, [])
         if not recorded:
             return []
         was = _operation(recorded[0].event)
-        now = (operation, name)
         if was != now:
             raise self._runner.fault(
                 NondeterminismError(
@@ -293,11 +307,21 @@ class Context:
                     "code as a new flow version",
                     execution_id=self.execution_id,
                     sequence=sequence,
-                    recorded=" ".join(filter(None, was)),
-                    issued=" ".join(filter(None, now)),
+                    recorded=_named(was),
+                    issued=_named(now),
                 )
             )
         return list(recorded)
+
+
+def describe(event: Event) -> str:
+    """The operation a recorded event answers, as errors and reports name it: ``step
+    charge``, ``pause approve``, ``wait``; other events by their type."""
+    return _named(_operation(event))
+
+
+def _named(operation: tuple[str, str]) -> str:
+    return " ".join(filter(None, operation))
 
 
 def _operation(event: Event) -> tuple[str, str]:

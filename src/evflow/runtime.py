@@ -124,6 +124,11 @@ class Runner:
         self.pending.clear()
         return error
 
+    @property
+    def last_operation(self) -> tuple[int, str]:
+        """The latest operation the flow code issued: sequence and name (``step charge``)."""
+        return self._context.last_operation
+
     def check_open(self) -> None:
         """Refuse new operations once the runner is closed or has failed."""
         if self._closed or self._error is not None:
@@ -208,6 +213,8 @@ class Runner:
                     "the old code, or register the new code as a new flow version",
                     execution_id=self.execution_id,
                     sequence=issued + 1,
+                    recorded=self._context.recorded_operation(issued + 1),
+                    issued=event.kind,
                 )
             )
         if self._error is None:

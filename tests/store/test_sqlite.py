@@ -107,6 +107,67 @@ class TestSqliteStore(StoreContract):
         assert "sqlite:///" in info.value.message
 
 
+class TestReadOnlySqliteStore:
+    """Opened read-only, the store reads a log, even one an engine writes, and changes nothing."""
+
+    async def test_reads_what_a_writer_appends_and_refuses_to_write(self, tmp_path: Path):
+        """It sees the writer's appends; its own appends and checkpoints are refused, and
+        neither the file nor its WAL changes."""
+        path = tmp_path / DB_NAME
+        writer = await open_store(f"sqlite:///{path}")
+        await writer.append("a", 0, [start("a")])
+        reader = await open_store(f"sqlite:///{path}", read_only=True)
+        try:
+            await writer.append("a", 1, [pause("a", 2)])
+            assert [e.version for e in await reader.read("a")] == [1, 2]
+            before = _file_and_wal(path)
+
+            with pytest.raises(StoreError) as appending:
+                await reader.append("a", 2, [pause("a", 3)])
+            with pytest.raises(StoreError) as moving:
+                await reader.save_checkpoint("outbox", 2)
+
+            assert _file_and_wal(path) == before
+            assert [e.version for e in await writer.read("a")] == [1, 2]
+            assert await writer.load_checkpoint("outbox") == 0
+        finally:
+            await reader.close()
+            await writer.close()
+
+        assert "read-only" in appending.value.message and "appending" in appending.value.message
+        assert "read-only" in moving.value.message
+
+    async def test_a_missing_file_is_refused_and_not_created(self, tmp_path: Path):
+        """No log at the path: a StoreError naming it, and no file or folder is made."""
+        path = tmp_path / "nowhere" / DB_NAME
+
+        with pytest.raises(StoreError) as info:
+            await open_store(f"sqlite:///{path}", read_only=True)
+
+        assert str(path) in info.value.message
+        assert not path.parent.exists()
+
+    async def test_a_file_that_is_no_evflow_log_is_refused(self, tmp_path: Path):
+        """A SQLite file without evflow's schema is refused, named, and left unchanged."""
+        path = tmp_path / "other.db"
+        with sqlite3.connect(path) as db:
+            db.execute("CREATE TABLE things (x INTEGER)")
+        db.close()
+        before = path.read_bytes()
+
+        with pytest.raises(StoreError) as info:
+            await open_store(f"sqlite:///{path}", read_only=True)
+
+        assert "not an evflow log" in info.value.message and str(path) in info.value.message
+        assert path.read_bytes() == before
+
+
+def _file_and_wal(path: Path) -> tuple[bytes, bytes]:
+    """The bytes of a log file and of its WAL (empty when there is none)."""
+    wal = path.with_name(path.name + "-wal")
+    return path.read_bytes(), wal.read_bytes() if wal.exists() else b""
+
+
 def _schema_versions(path: Path) -> list[int]:
     with sqlite3.connect(path) as db:
         rows = db.execute("SELECT version FROM schema_version").fetchall()

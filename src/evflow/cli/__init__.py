@@ -2,7 +2,7 @@
 
 Built on click (parsing, environment variables, help) and rich (tables and colour).
 ``serve`` lives in ``cli.serve``; the commands that talk to a running engine in
-``cli.executions``.
+``cli.executions``; ``replay``, which reads a log offline, in ``cli.replay``.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def main() -> None:
 from . import (  # noqa: E402, F401  (each registers its commands on main)
     audit,
     executions,
+    replay,
     schemas,
     serve,
 )

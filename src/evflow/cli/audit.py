@@ -89,7 +89,7 @@ def import_(store: str, export_file: Path) -> None:
     The file's chains are verified first; a broken one imports nothing. Events keep their
     positions and hashes, so `evflow verify` on the copy checks the original's chains.
     """
-    count = _on_store(store, lambda s: audit.import_export(s, export_file), existing=False)
+    count = _on_store(store, lambda s: audit.import_export(s, export_file), read_only=False)
     err.print(f"imported {count} events into {store}", highlight=False)
 
 
@@ -114,12 +114,13 @@ def _print_verdict(verdict: Verdict, as_json: bool) -> None:
 
 
 def _on_store(
-    url: str, work: Callable[[EventStore], Awaitable[Any]], *, existing: bool = True
+    url: str, work: Callable[[EventStore], Awaitable[Any]], *, read_only: bool = True
 ) -> Any:
-    """Run ``work`` on the log ``url`` names, closing it after; an evflow error exits 2."""
+    """Run ``work`` on the log ``url`` names (read-only unless told), closing it after; an
+    evflow error exits 2."""
 
     async def run() -> Any:
-        store = await open_store(url, existing=existing)
+        store = await open_store(url, read_only=read_only)
         try:
             return await work(store)
         finally:

@@ -189,19 +189,12 @@ def store_path(url: str) -> Path:
     return Path(path)
 
 
-async def open_store(url: str, *, existing: bool = False) -> EventStore:
-    """Open the store a URL names (see ``store_path``); a new file is created unless
-    ``existing`` asks for a log that is already there (to read, verify or export)."""
-    from ..errors import StoreError
+async def open_store(url: str, *, read_only: bool = False) -> EventStore:
+    """Open the store a URL names (see ``store_path``), creating a new log if there is none;
+    ``read_only`` for auditors, who must find the log there and can change nothing in it."""
     from .sqlite import SqliteStore
 
-    path = store_path(url)
-    if existing and not path.is_file():
-        raise StoreError(
-            f"there is no log at {path} (from store URL '{url}'); give the --store an engine "
-            "wrote, or set EVFLOW_STORE"
-        )
-    store = SqliteStore(path)
+    store = SqliteStore(store_path(url), read_only=read_only)
     await store.open()
     return store
 

@@ -7,12 +7,19 @@ once released; a change is a new migration at the end.
 from __future__ import annotations
 
 import logging
+import sqlite3
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import aiosqlite
 
 from ..chain import link_hash
+from ..errors import StoreError
 
 logger = logging.getLogger(__name__)
+
+Query = Callable[..., Awaitable[list[sqlite3.Row]]]
+"""Runs one read and returns its rows."""
 
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -87,3 +94,25 @@ async def _chain_existing(db: aiosqlite.Connection) -> None:
         )
         previous = (execution_id, digest)
     logger.info("chained %d events written before the log was hash-chained", len(rows))
+
+
+async def check_readable(query: Query, path: Path) -> None:
+    """Refuse a file that is no evflow log, or one a newer evflow wrote."""
+    rows = await query(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+    )
+    if not rows:
+        raise StoreError(f"{path} is not an evflow log: it has no schema_version table")
+    rows = await query("SELECT version FROM schema_version")
+    version = rows[0][0] if rows else 0
+    if version < len(MIGRATIONS):
+        raise StoreError(
+            f"the SQLite log at {path} has schema version {version}, older than this "
+            f"evflow's {len(MIGRATIONS)}, and cannot be read without changing it; start "
+            "`evflow serve` on it once, which migrates it (and hash-chains its events)"
+        )
+    if version > len(MIGRATIONS):
+        raise StoreError(
+            f"the SQLite log at {path} has schema version {version}, newer than the "
+            f"{len(MIGRATIONS)} this evflow reads; use the evflow that wrote it"
+        )

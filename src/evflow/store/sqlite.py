@@ -5,6 +5,9 @@ commits them in one transaction (group commit), each inside its own savepoint so
 append's version clash does not undo the others. A lone append is committed at once: a
 batch closes when the writer is free, never after a sleep. Reads use a second connection,
 which WAL lets run beside the writer.
+
+Opened ``read_only``, the store has only the reader, through SQLite's read-only mode: an
+auditor's replay or export can read a log, served or not, with no way to change it.
 """
 
 from __future__ import annotations
@@ -14,23 +17,22 @@ import logging
 import os
 import sqlite3
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
+from urllib.parse import quote
 
 import aiosqlite
 
 from ..chain import Record, link_hash
 from ..errors import ConcurrencyError, DuplicateCommand, StoreError
-from ..events import SETTLING, StoredEvent, encode
+from ..events import StoredEvent, encode
 from ..state import Status
 from ..timers import Timer
-from . import ExecutionSummary, check_append, idempotency_scope, sqlite_listing
-from .migrations import migrate
+from . import ExecutionSummary, check_append, idempotency_scope, sqlite_listing, sqlite_startup
+from .migrations import check_readable, migrate
 from .rows import record, scope_of, stored_event
 
 logger = logging.getLogger(__name__)
 
-_SETTLING_TYPES = tuple(cls.__name__ for cls in SETTLING)
 _COLUMNS = "position, execution_id, version, type, schema_version, at, data, prev_hash, hash"
 
 
@@ -65,11 +67,16 @@ class SqliteStore:
         synchronous: SQLite's ``synchronous`` pragma. ``FULL`` (the default) makes every
             acknowledged append survive a power cut; ``NORMAL`` may lose the last
             transactions on power loss (not on a process crash) and is faster.
+        read_only: open only for reading: the file must exist and hold an evflow log; no
+            schema migration runs and every append or checkpoint move is refused.
     """
 
-    def __init__(self, path: str | os.PathLike[str], synchronous: str = "FULL"):
+    def __init__(
+        self, path: str | os.PathLike[str], synchronous: str = "FULL", read_only: bool = False
+    ):
         self.path = Path(path)
         self.synchronous = synchronous
+        self.read_only = read_only
         self._writer_db: aiosqlite.Connection | None = None
         self._reader_db: aiosqlite.Connection | None = None
         self._queue: asyncio.Queue[_Append | _Checkpoint] = asyncio.Queue()
@@ -77,6 +84,9 @@ class SqliteStore:
 
     async def open(self) -> None:
         """Open both connections, migrate the schema and start the writer."""
+        if self.read_only:
+            await self._open_read_only()
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._writer_db = await self._connect()
@@ -86,6 +96,28 @@ class SqliteStore:
             raise StoreError(f"cannot open the SQLite log at {self.path}: {error}") from error
         self._writer = asyncio.create_task(self._write_loop(), name="evflow-sqlite-writer")
         logger.info("opened the SQLite log at %s", self.path)
+
+    async def _open_read_only(self) -> None:
+        """Open the reader alone, in SQLite's read-only mode, on a log that must exist.
+
+        SQLite may create the empty ``-wal`` and ``-shm`` companions of a WAL file beside
+        it, to share its lock with a writer; the log itself is never written.
+        """
+        if not self.path.is_file():
+            raise StoreError(
+                f"there is no SQLite log at {self.path}; check the --store URL (or EVFLOW_STORE)"
+            )
+        uri = f"file:{quote(str(self.path.resolve()))}?mode=ro"
+        try:
+            self._reader_db = await aiosqlite.connect(uri, uri=True, isolation_level=None)
+            await self._reader_db.execute("PRAGMA busy_timeout=10000")
+            await check_readable(self._query, self.path)
+        except BaseException as error:
+            await self.close()  # else the connection's thread keeps the process alive
+            if isinstance(error, sqlite3.Error):
+                raise StoreError(f"cannot read the SQLite log at {self.path}: {error}") from error
+            raise
+        logger.info("opened the SQLite log at %s read-only", self.path)
 
     async def _connect(self) -> aiosqlite.Connection:
         db = await aiosqlite.connect(self.path, isolation_level=None)
@@ -129,6 +161,10 @@ class SqliteStore:
         return rows[0][0] if rows else 0
 
     def _check_open(self, doing: str) -> None:
+        if self.read_only:
+            raise StoreError(
+                f"the SQLite log at {self.path} was opened read-only; {doing} is refused"
+            )
         if self._writer is None:
             raise StoreError(f"the SQLite log at {self.path} is closed; open it before {doing}")
 
@@ -282,51 +318,12 @@ class SqliteStore:
         return rows[0] if rows else None
 
     async def unsettled(self) -> list[str]:
-        """Executions whose last event leaves them running.
-
-        This scans the latest event of every execution: start-up cost grows with the number
-        of executions in the log (to be bounded by issue 6).
-        """
-        marks = ",".join("?" * len(_SETTLING_TYPES))
-        rows = await self._query(
-            "SELECT e.execution_id FROM events e"
-            " JOIN (SELECT execution_id, max(version) AS v FROM events GROUP BY execution_id) m"
-            " ON e.execution_id = m.execution_id AND e.version = m.v"
-            f" WHERE e.type NOT IN ({marks}) ORDER BY e.position",
-            _SETTLING_TYPES,
-        )
-        return [row[0] for row in rows]
+        """Executions whose last event leaves them running; see ``sqlite_startup``."""
+        return await sqlite_startup.unsettled(self._query)
 
     async def pending_timers(self) -> list[Timer]:
-        """The timers of executions whose latest event starts one; see ``EventStore``.
-
-        Like ``unsettled``, this scans the latest event of every execution once, at start.
-        Only the fields a timer needs are read, so a hundred thousand of them load in well
-        under a second and leave little garbage behind.
-        """
-        rows = await self._query(
-            "SELECT e.execution_id, e.version, e.type, json_extract(e.data, '$.sequence'),"
-            " coalesce(json_extract(e.data, '$.wake_at'), json_extract(e.data, '$.deadline')),"
-            " json_extract(s.data, '$.flow')"
-            " FROM events e"
-            " JOIN (SELECT execution_id, max(version) AS v FROM events GROUP BY execution_id) m"
-            " ON e.execution_id = m.execution_id AND e.version = m.v"
-            " JOIN events s ON s.execution_id = e.execution_id AND s.version = 1"
-            " WHERE e.type = 'TimerStarted' OR (e.type = 'ExecutionPaused'"
-            " AND json_extract(e.data, '$.deadline') IS NOT NULL)",
-        )
-        flows: dict[str, str] = {}
-        return [
-            Timer(
-                due=datetime.fromisoformat(due),
-                execution_id=execution_id,
-                flow=flows.setdefault(flow, flow),
-                version=version,
-                sequence=sequence,
-                kind="wait" if kind == "TimerStarted" else "deadline",
-            )
-            for execution_id, version, kind, sequence, due, flow in rows
-        ]
+        """The timers of executions whose latest event starts one; see ``EventStore``."""
+        return await sqlite_startup.pending_timers(self._query)
 
     async def records(
         self, after_position: int = 0, limit: int = 1000, execution_id: str | None = None

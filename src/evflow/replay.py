@@ -1,0 +1,419 @@
+"""Replay checks: do recorded histories still replay against the current flow code?
+
+An auditor, or a CI job gating a deployment, replays the executions of a log through the
+engine's own ``Runner``, writing nothing. Its persist refuses every append; the runner calls
+it before a step's side effect, so a step past the end of a history stops the code there,
+unrun. Recorded steps, pauses and timers return what was recorded, at the recorded times;
+what the code decides past the end is stamped with the last recorded time; nothing waits.
+
+Each execution gets a ``Verdict``:
+
+- ``ok``: the code issues every recorded operation, in order, and ends as the history does:
+  waiting at the same pause or timer, or completing with the same result, or failing with
+  the same error. A history that ends running (a crash cut it short) or cancelled records
+  nothing past its end, so whatever the code goes on with there is reported, not judged.
+- ``diverged``: the code issues another operation than the history at some sequence, ends
+  before the history's last operation, goes on past a completed or failed history, or
+  returns another result than the recorded one. A different result is a divergence here
+  (Temporal's replayer checks only commands): the result is computed from recorded step
+  results and answers, so a new one means the code's logic changed under the execution.
+- ``unknown_flow``: the app registers no flow of that name, or not the version the
+  execution started on; the execution cannot be checked, and counts as a failure (a
+  deployment of that app could not drive it on). ``--flow`` leaves retired flows out.
+- ``error``: the flow code raised an exception the history does not record (where the
+  history records more operations or another end), or did not reach its next operation
+  in time; counts as a failure.
+
+Known limit: flow code between operations runs for real, as it does on every replay, so
+code that does I/O outside steps (which breaks determinism anyway) does it here too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import traceback
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from .context import Sleeping, Suspended, describe
+from .errors import EvflowError, NondeterminismError, UnknownExecution, UnknownFlow
+from .events import Event, ExecutionCompleted, ExecutionFailed, ExecutionStarted, StoredEvent
+from .flow import App, FlowDef
+from .runtime import Outcome, Runner
+from .state import ExecutionState, Status, fold
+from .store import EventStore
+from .timers import ManualClock
+
+REPLAY_TIMEOUT = 30.0
+"""Seconds one execution's flow code may take to replay before it is reported as an error."""
+
+Result = Literal["ok", "diverged", "unknown_flow", "error"]
+
+
+class Verdict(msgspec.Struct, frozen=True):
+    """What replaying one execution against the current flow code found."""
+
+    execution_id: str
+    """The execution replayed."""
+    flow: str
+    """Its flow."""
+    flow_version: int
+    """The version of the flow code it started on."""
+    outcome: Result
+    """``ok``, ``diverged``, ``unknown_flow`` or ``error``."""
+    status: str | None
+    """Where the history stands (``paused``, ``completed`` ...); None if it does not fold."""
+    events: int
+    """How many events the history holds."""
+    message: str
+    """What was found, in a sentence."""
+    sequence: int | None = None
+    """Diverged or error: the operation concerned (one past the last for a flow's end)."""
+    recorded: str | None = None
+    """Diverged or error: what the history records there (``step charge``, ``completed``)."""
+    issued: str | None = None
+    """Diverged or error: what the code issued there instead."""
+    past_end: str | None = None
+    """Ok: what the code goes on with past the end of a history that ends running or
+    cancelled; a step there is not run."""
+
+
+class Summary(msgspec.Struct):
+    """How many executions got each outcome."""
+
+    executions: int = 0
+    ok: int = 0
+    diverged: int = 0
+    unknown_flow: int = 0
+    error: int = 0
+
+    def add(self, verdict: Verdict) -> None:
+        """Count one more verdict."""
+        self.executions += 1
+        setattr(self, verdict.outcome, getattr(self, verdict.outcome) + 1)
+
+    @property
+    def passed(self) -> bool:
+        """Whether every execution replayed as recorded."""
+        return self.ok == self.executions
+
+
+async def execution_ids(store: EventStore, flow: str | None = None, page: int = 1000) -> list[str]:
+    """The executions in the log, in the order they started; only ``flow``'s if given.
+
+    The store has no list of executions, so this reads the whole log in pages, decoding
+    every event once to find the starts: time grows with the size of the log.
+    """
+    found: list[str] = []
+    after = 0
+    while batch := await store.read_all(after, page):
+        for stored in batch:
+            event = stored.event
+            if isinstance(event, ExecutionStarted) and flow in (None, event.flow):
+                found.append(stored.execution_id)
+        after = batch[-1].position
+    return found
+
+
+async def replay_log(
+    app: App, store: EventStore, executions: list[str], timeout: float = REPLAY_TIMEOUT
+) -> AsyncIterator[Verdict]:
+    """Replay each of ``executions``, read from ``store`` one at a time, in order."""
+    for execution_id in executions:
+        history = await store.read(execution_id)
+        if not history:
+            raise UnknownExecution(
+                f"there is no execution {execution_id} in the log; check the execution ID "
+                "and the store",
+                execution_id=execution_id,
+            )
+        yield await replay_execution(app, history, timeout)
+
+
+async def replay_execution(
+    app: App, history: list[StoredEvent], timeout: float = REPLAY_TIMEOUT
+) -> Verdict:
+    """Replay one execution's history against ``app``'s flow code, writing nothing."""
+    try:
+        state = fold(history)
+    except ValueError as error:
+        return _unfolded(history, error)
+    assert state is not None
+
+    try:
+        flow = _flow_for(app, history[0])
+    except UnknownFlow as error:
+        return _verdict(state, "unknown_flow", error.message)
+
+    try:
+        return await _Replay(flow, state, history).run(timeout)
+    except Exception as error:  # one execution's surprise must not end the whole audit
+        message = f"execution {state.execution_id}: replay failed with {_raised(error)}"
+        return _verdict(state, "error", message)
+
+
+def _flow_for(app: App, started: StoredEvent) -> FlowDef:
+    """The code an execution is checked against: its flow, at the version it started on."""
+    event = started.event
+    assert isinstance(event, ExecutionStarted)
+    execution_id = started.execution_id
+    versions = app.versions(event.flow)
+    if not versions:
+        known = ", ".join(sorted(app.flows)) or "none"
+        raise UnknownFlow(
+            f"execution {execution_id} belongs to flow '{event.flow}', which the app does "
+            f"not register (it registers: {known}); replay with the app that does, or leave "
+            "the flow out with --flow",
+            execution_id=execution_id,
+        )
+    if event.flow_version not in versions:
+        raise UnknownFlow(
+            f"execution {execution_id} started on version {event.flow_version} of flow "
+            f"'{event.flow}', but the app registers {app.describe(event.flow)}; register "
+            f"version {event.flow_version} beside them to check this execution",
+            execution_id=execution_id,
+        )
+    flow = app.get(event.flow, event.flow_version)
+    return flow
+
+
+class _PastEnd(EvflowError):
+    """The flow code went on to a step past the end of its history: replay stops there."""
+
+
+class _Replay:
+    """One execution's replay: the runner that writes nothing, and what the code did."""
+
+    def __init__(self, flow: FlowDef, state: ExecutionState, history: list[StoredEvent]):
+        self.state = state
+        self.history = history
+        self.operations = max((getattr(s.event, "sequence", 0) for s in history), default=0)
+        self.raised: list[Exception] = []
+        self.refused: list[StoredEvent] = []
+        self.flow = msgspec.structs.replace(flow, fn=self._watch(flow))
+
+    def _watch(self, flow: FlowDef) -> Any:
+        """The flow function, noting any exception it ends with but non-determinism."""
+
+        async def watched(ctx: Any, **inputs: Any) -> Any:
+            try:
+                return await flow.fn(ctx, **inputs)
+            except NondeterminismError:
+                raise
+            except Exception as error:
+                self.raised.append(error)
+                raise
+
+        return watched
+
+    async def _refuse(
+        self, execution_id: str, expected: int, events: list[StoredEvent]
+    ) -> list[StoredEvent]:
+        """The runner's persist: called before a step past the history runs; never writes."""
+        self.refused = list(events)
+        raise _PastEnd(f"execution {execution_id}: replay writes nothing")
+
+    async def run(self, timeout: float) -> Verdict:
+        """Replay the history to its end and judge where the code got to."""
+        clock = ManualClock(self.history[-1].at)  # never advanced: nothing waits on it
+        runner = Runner(self.flow, self.state.execution_id, self.history, [], clock, self._refuse)
+        try:
+            outcome: Outcome | None = await asyncio.wait_for(runner.start(), timeout)
+        except _PastEnd:
+            outcome = None
+        except NondeterminismError as error:
+            return self._nondeterminism(error)
+        except TimeoutError:
+            message = (
+                f"execution {self.state.execution_id}: the flow code did not reach its next "
+                f"operation within {timeout:g} s; flow code must wait only on its Context"
+            )
+            return _verdict(self.state, "error", message)
+        finally:
+            await runner.close()
+        if self.state.status in (Status.COMPLETED, Status.FAILED):
+            return self._judge_end(runner, outcome)
+        if self.state.status in (Status.PAUSED, Status.WAITING):
+            return self._judge_settled(runner, outcome)
+        return self._judge_open(runner, outcome)
+
+    def _nondeterminism(self, error: NondeterminismError) -> Verdict:
+        """The runner's fault: another operation, an early end, inputs that no longer fit."""
+        where = {key: error.details.get(key) for key in ("sequence", "recorded", "issued")}
+        if self.raised and where["issued"] == ExecutionFailed.kind:
+            raised = self.raised[0]
+            message = (
+                f"execution {self.state.execution_id}: the flow code raised {_raised(raised)} "
+                f"where the history records {quoted(str(where['recorded']))} (operation "
+                f"{where['sequence']})"
+            )
+            where["issued"] = f"failed {type(raised).__name__}: {raised}"
+            return _verdict(self.state, "error", message, **where)
+        return _verdict(self.state, "diverged", error.message, **where)
+
+    def _judge_end(self, runner: Runner, outcome: Outcome | None) -> Verdict:
+        """A completed or failed history: the code must end the same way, and no later."""
+        recorded = self.history[-1].event
+        new = self.refused or runner.pending
+        if outcome is None or len(new) != 1 or not isinstance(new[0].event, _ENDS):
+            return self._went_past(runner, recorded)
+
+        issued = new[0].event
+        if _same_end(recorded, issued):
+            ends = "completes with the recorded result"
+            if isinstance(recorded, ExecutionFailed):
+                ends = f"fails as recorded ({_end_text(recorded)})"
+            return _verdict(self.state, "ok", f"replays all {self._ops()} and {ends}")
+        where = {
+            "sequence": self.operations + 1,
+            "recorded": _end_text(recorded),
+            "issued": _end_text(issued),
+        }
+        if self.raised and isinstance(issued, ExecutionFailed):
+            message = (
+                f"execution {self.state.execution_id}: the flow code raised "
+                f"{_raised(self.raised[0])} where the history records {where['recorded']}"
+            )
+            return _verdict(self.state, "error", message, **where)
+        message = (
+            f"execution {self.state.execution_id}: the flow code ends {where['issued']}, but "
+            f"the history records {where['recorded']}; {_CHANGED}"
+        )
+        return _verdict(self.state, "diverged", message, **where)
+
+    def _went_past(self, runner: Runner, recorded: Event) -> Verdict:
+        """The code goes on past the end of a history that records the flow's end."""
+        sequence, issued = self._next(runner)
+        message = (
+            f"execution {self.state.execution_id}: the history records {_end_text(recorded)} "
+            f"after operation {self.operations}, but the flow code goes on with "
+            f"{quoted(issued)}; {_CHANGED}"
+        )
+        where = {"sequence": sequence, "recorded": _end_text(recorded), "issued": issued}
+        return _verdict(self.state, "diverged", message, **where)
+
+    def _judge_settled(self, runner: Runner, outcome: Outcome | None) -> Verdict:
+        """A paused or waiting history: the code must wait at the same operation."""
+        last = describe(self.history[-1].event)
+        at = f"{quoted(last)} (operation {self.operations})"
+        if last == "wait":
+            at = f"the timer of operation {self.operations}"
+        if isinstance(outcome, Suspended | Sleeping) and outcome.sequence == self.operations:
+            message = f"replays all {self._ops()} and waits at {at}, as recorded"
+            return _verdict(self.state, "ok", message)
+        sequence, issued = self._next(runner)
+        message = (
+            f"execution {self.state.execution_id}: the history waits at {at}, but the flow "
+            f"code goes on with {quoted(issued)} (operation {sequence})"
+        )
+        where = {"sequence": sequence, "recorded": last, "issued": issued}
+        return _verdict(self.state, "diverged", message, **where)
+
+    def _judge_open(self, runner: Runner, outcome: Outcome | None) -> Verdict:
+        """A history that ends running or cancelled: nothing past its end is recorded."""
+        ends = "cancelled" if self.state.status is Status.CANCELLED else "running"
+        message = f"replays all {self._ops()}; the history ends {ends} there"
+        past_end = None
+        if outcome is None or runner.pending:
+            past_end = self._next(runner)[1]
+            message += f", and the flow code goes on with {quoted(past_end)} (not run)"
+        return _verdict(self.state, "ok", message, past_end=past_end)
+
+    def _next(self, runner: Runner) -> tuple[int, str]:
+        """The first thing the code decided past the end of the history: sequence, name."""
+        new = self.refused or runner.pending
+        if not new:
+            return runner.last_operation
+        event = new[0].event
+        if isinstance(event, _ENDS):
+            return self.operations + 1, _end_text(event)
+        return getattr(event, "sequence", self.operations + 1), describe(event)
+
+    def _ops(self) -> str:
+        return f"{self.operations} operation" + ("" if self.operations == 1 else "s")
+
+
+_ENDS = (ExecutionCompleted, ExecutionFailed)
+
+_CHANGED = (
+    "the flow code changed since the execution started: restore the old code, or register "
+    "the new code as a new flow version"
+)
+
+_LONGEST = 500
+"""Characters of a result shown in a verdict; the history holds the whole."""
+
+
+def quoted(operation: str) -> str:
+    """An operation as a sentence names it: ``step 'charge'``, ``pause 'approve'``; other
+    descriptions (``wait``, ``completed {...}``) as they are."""
+    kind, _, name = operation.partition(" ")
+    return f"{kind} '{name}'" if kind in ("step", "pause") and name else operation
+
+
+def _same_end(recorded: Event, issued: Event) -> bool:
+    """Whether two ends agree: the same kind, and results equal as JSON (keys in any order)."""
+    if type(recorded) is not type(issued):
+        return False
+    if isinstance(recorded, ExecutionCompleted):
+        return _canonical(recorded.result) == _canonical(issued.result)  # type: ignore[attr-defined]
+    return recorded == issued
+
+
+def _canonical(value: Any) -> str:
+    """JSON text that ignores key order but tells ``1`` from ``1.0`` and ``true``."""
+    return json.dumps(value, sort_keys=True)
+
+
+def _end_text(event: Event) -> str:
+    """A flow's end as a verdict names it: ``completed {...}`` or ``failed Type: message``."""
+    if isinstance(event, ExecutionCompleted):
+        text = msgspec.json.encode(event.result).decode()
+        if len(text) > _LONGEST:
+            text = f"{text[:_LONGEST]}... ({len(text) - _LONGEST} more characters)"
+        return f"completed {text}"
+    if isinstance(event, ExecutionFailed):
+        return f"failed {event.error_type}: {event.message}"
+    return describe(event)
+
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def _raised(error: BaseException) -> str:
+    """An exception and the line of flow code that raised it: ``NameError: name 'x' is not
+    defined (flows.py:12)``, so the auditor finds it (evflow's own frames are skipped)."""
+    frames = [
+        frame
+        for frame in traceback.extract_tb(error.__traceback__)
+        if not Path(frame.filename).resolve().is_relative_to(_PACKAGE)
+    ]
+    where = f" ({Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    return f"{type(error).__name__}: {error}{where}"
+
+
+def _verdict(state: ExecutionState, outcome: Result, message: str, **where: Any) -> Verdict:
+    return Verdict(
+        execution_id=state.execution_id,
+        flow=state.flow,
+        flow_version=state.flow_version,
+        outcome=outcome,
+        status=state.status.value,
+        events=state.version,
+        message=message,
+        **where,
+    )
+
+
+def _unfolded(history: list[StoredEvent], error: ValueError) -> Verdict:
+    """The verdict on a history that does not fold: a gap, or no start."""
+    started = history[0].event
+    flow, version = (
+        (started.flow, started.flow_version) if isinstance(started, ExecutionStarted) else ("", 0)
+    )
+    message = f"the history does not fold, so it cannot be replayed: {error}"
+    return Verdict(history[0].execution_id, flow, version, "error", None, len(history), message)
