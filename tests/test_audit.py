@@ -8,6 +8,7 @@ commands run as real ``evflow`` processes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 from collections.abc import AsyncIterator
@@ -19,9 +20,10 @@ import pytest
 from examples.flows import app
 from jsonschema import Draft202012Validator
 
-from evflow import events
+from evflow import audit, events
 from evflow.chain import link_hash
 from evflow.engine import Engine
+from evflow.errors import StoreError
 from evflow.events import (
     SCHEMA_VERSION,
     ExecutionFailed,
@@ -145,6 +147,97 @@ async def test_an_edit_that_rehashes_its_event_breaks_the_next_link(log: Path):
     [broken] = verdict(result)["breaks"]
     assert (broken["execution_id"], broken["version"]) == (ann, 2)
     assert "an event before this one was changed or replaced" in broken["problem"]
+
+
+async def test_a_repeated_key_that_json_readers_disagree_on_is_found(log: Path):
+    """A key written twice reads as its first value in SQLite's json_extract and as its last
+    in msgspec: the data's bytes changed, so the hash breaks, whoever reads it."""
+    ann = execution_of(log, "ann")
+    execute(
+        log,
+        'UPDATE events SET data = replace(data, \'{"type":\', \'{"flow":"evil","type":\')'
+        " WHERE execution_id = ? AND version = 1",
+        ann,
+    )
+
+    result = await evflow("verify", "--store", sqlite_url(log), "--json")
+
+    assert result.returncode == 1, result
+    [broken] = verdict(result)["breaks"]
+    assert (broken["execution_id"], broken["version"]) == (ann, 1)
+
+
+async def test_a_changed_idempotency_index_is_found(log: Path, tmp_path: Path):
+    """The index is derived from the events and not hashed; verify checks it against them."""
+    path = tmp_path / "keyed.db"
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        engine = Engine(app, store)
+        await engine.invoke("approval", b'{"amount": 1, "requester": "kim"}', "key-1")
+    finally:
+        await store.close()
+    execute(path, "UPDATE events SET idempotency_scope = NULL")
+
+    result = await evflow("verify", "--store", sqlite_url(path), "--json")
+
+    assert result.returncode == 1, result
+    [broken] = verdict(result)["breaks"]
+    assert broken["version"] == 1 and "idempotency index holds None" in broken["problem"]
+
+
+async def test_positions_moved_are_found_or_change_the_digest(log: Path):
+    """Positions are assigned on commit and not hashed: moving one event of an execution
+    before its predecessor is a break, and renumbering the whole log changes the digest."""
+    before = verdict(await evflow("verify", "--store", sqlite_url(log), "--json"))
+    execute(log, "UPDATE events SET position = position + 1000")
+    renumbered = verdict(await evflow("verify", "--store", sqlite_url(log), "--json"))
+    ann = execution_of(log, "ann")
+    execute(log, "UPDATE events SET position = 7 WHERE execution_id = ? AND version = 3", ann)
+
+    result = await evflow("verify", "--store", sqlite_url(log), "--json")
+
+    assert renumbered["intact"] and renumbered["digest"] != before["digest"]
+    assert result.returncode == 1, result
+    [broken] = verdict(result)["breaks"]
+    assert (broken["execution_id"], broken["version"]) == (ann, 3)
+    assert "positions changed" in broken["problem"]
+
+
+async def test_a_hash_is_recomputed_from_the_readme_recipe_with_the_standard_library(
+    tmp_path: Path,
+):
+    """sha256 of the header line, a newline and the stored data, with only json and
+    hashlib: what an auditor in another language does, non-ASCII text and big numbers too."""
+    path = tmp_path / "log.db"
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        await Engine(app, store).invoke("approval", '{"amount": 1e16, "requester": "zoë"}'.encode())
+    finally:
+        await store.close()
+
+    for _, execution_id, version, type_, schema, at, data, _, prev, digest in rows(path):
+        line = json.dumps(
+            [execution_id, version, type_, schema, at, prev],
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+        assert hashlib.sha256(f"{line}\n{data}".encode()).hexdigest() == digest
+
+
+async def test_export_refuses_an_event_that_is_not_json(log: Path, tmp_path: Path):
+    """Data cut short cannot be one line of an export: exit 2 naming where, and verify
+    on the log reports the break."""
+    ann = execution_of(log, "ann")
+    execute(log, "UPDATE events SET data = substr(data, 1, 20) WHERE execution_id = ?", ann)
+
+    exported = await evflow("export", "--store", sqlite_url(log), "-o", str(tmp_path / "x"))
+    checked = await evflow("verify", "--store", sqlite_url(log))
+
+    assert exported.returncode == 2, exported
+    assert f"execution {ann} version 1" in exported.stderr and "not JSON" in exported.stderr
+    assert checked.returncode == 1 and f"BROKEN execution {ann} at version 1" in checked.stdout
 
 
 async def test_verify_of_one_execution_checks_only_its_chain(log: Path):
@@ -312,7 +405,7 @@ def old_log(path: Path, history: str) -> list[dict]:
                 (
                     item["position"], item["execution_id"], item["version"],
                     item["event"]["type"], item["schema_version"], stamp,
-                    json.dumps(item["event"]),
+                    events.encode(events.decode(json.dumps(item["event"]))).decode(),
                 ),
             )  # fmt: skip
         db.commit()
@@ -362,6 +455,7 @@ async def test_an_event_in_an_older_shape_is_read_as_the_current_type(
         write_as_an_older_evflow(path, first.hash, old_shape)
         history = await store.read("e")
         records = await store.records()
+        checked = await audit.verify_store(store)
     finally:
         await store.close()
 
@@ -369,7 +463,7 @@ async def test_an_event_in_an_older_shape_is_read_as_the_current_type(
     assert history[1].schema_version == SCHEMA_VERSION
     assert fold(history).status == "failed"  # type: ignore[union-attr]
     assert json.loads(bytes(records[1].data)) == old_shape
-    assert (await evflow("verify", "--store", sqlite_url(path))).returncode == 0
+    assert checked.intact, checked.breaks
 
 
 def write_as_an_older_evflow(path: Path, prev_hash: str | None, data: dict) -> None:
@@ -382,3 +476,54 @@ def write_as_an_older_evflow(path: Path, prev_hash: str | None, data: dict) -> N
         " hash) VALUES ('e', 2, 'ExecutionFailed', ?, ?, ?, ?, ?)",
         SCHEMA_VERSION, at, body, prev_hash, digest,
     )  # fmt: skip
+
+
+async def test_events_an_older_evflow_appended_after_a_rollback_are_chained(log: Path):
+    """Rolled back to an evflow without hashes, a deploy writes schema version 2 and appends
+    unhashed events; the next open chains them after the hashed ones, which stay as they
+    were."""
+    before = rows(log)
+    execution_id, version, at = before[-1][1], before[-1][2] + 1, before[-1][5]
+    execute(log, "UPDATE schema_version SET version = 2")
+    execute(
+        log,
+        "INSERT INTO events (execution_id, version, type, schema_version, at, data)"
+        " VALUES (?, ?, 'ExecutionCancelled', 1, ?, ?)",
+        execution_id, version, at, '{"type":"ExecutionCancelled","reason":"rollback"}',
+    )  # fmt: skip
+
+    store = SqliteStore(log)
+    await store.open()
+    await store.close()
+
+    after = rows(log)
+    assert after[: len(before)] == before
+    assert after[-1][8:] == (
+        before[-1][9],
+        link_hash(execution_id, version, "ExecutionCancelled", 1, at, after[-1][6], before[-1][9]),
+    )
+    assert (await evflow("verify", "--store", sqlite_url(log))).returncode == 0
+
+
+async def test_a_log_of_a_newer_evflow_is_refused_unchanged(log: Path):
+    """A schema version this evflow does not know: opening refuses it and changes nothing."""
+    execute(log, "UPDATE schema_version SET version = 99")
+    before = log.read_bytes()
+
+    with pytest.raises(StoreError, match="schema version 99, newer than"):
+        await SqliteStore(log).open()
+    result = await evflow("verify", "--store", sqlite_url(log))
+
+    assert result.returncode == 2 and "schema version 99" in result.stderr, result
+    assert log.read_bytes() == before
+
+
+async def test_a_file_that_is_not_a_log_is_refused_without_hanging(tmp_path: Path):
+    """Import into a file SQLite cannot open exits 2, naming it, and the process ends."""
+    garbage, export = tmp_path / "garbage.db", tmp_path / "empty.jsonl"
+    garbage.write_bytes(b"not a database, not at all" * 100)
+    export.write_text("")
+
+    result = await evflow("import", "--store", sqlite_url(garbage), str(export))
+
+    assert result.returncode == 2 and "cannot open the SQLite log" in result.stderr, result

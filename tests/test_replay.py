@@ -421,6 +421,27 @@ async def test_cli_replays_a_copy_made_by_export_and_import(recorded: Recorded, 
     assert changed.returncode == 1, changed
 
 
+async def test_cli_reports_a_damaged_history_as_an_error_and_goes_on(
+    recorded: Recorded, tmp_path: Path
+):
+    """An event that no longer reads fails its execution alone, with a clear line, and the
+    other executions are still checked."""
+    damaged = recorded.ids["paused"]
+    with closing(sqlite3.connect(recorded.path)) as db:
+        db.execute(
+            "UPDATE events SET data = '{' WHERE execution_id = ? AND version = 2", (damaged,)
+        )
+        db.commit()
+
+    result = await replay_cli(recorded.url, "replay_flows:app", env=calls_env(tmp_path))
+
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr
+    [line] = [line for line in result.lines if damaged in line]
+    assert line.startswith("ERROR") and "run evflow verify" in line, line
+    assert result.lines[-1] == "7 executions: 6 ok, 0 diverged, 0 unknown flow, 1 error"
+
+
 async def test_cli_exits_1_on_a_divergence_and_says_where(recorded: Recorded, tmp_path: Path):
     before = snapshot(recorded.path)
 

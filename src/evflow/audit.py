@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import IO
 
@@ -17,7 +18,7 @@ import msgspec
 from .chain import Record, Verdict, Verifier, verify, verify_async
 from .errors import StoreError
 from .events import decode
-from .store import EventStore
+from .store import EventStore, event_scope
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +48,23 @@ async def export(store: EventStore, out: IO[bytes], since: int = 0) -> tuple[int
     """
     count, last = 0, since
     async for record in records_of(store, since):
+        _check_json(record)
         out.write(_encoder.encode(record) + b"\n")
         count, last = count + 1, record.position
     return count, last
+
+
+def _check_json(record: Record) -> None:
+    """Refuse to copy an event whose stored data is not JSON: it could not be one line."""
+    try:
+        msgspec.json.decode(bytes(record.data))
+    except msgspec.DecodeError as error:
+        raise StoreError(
+            f"execution {record.execution_id} version {record.version} (position "
+            f"{record.position}) holds data that is not JSON ({error}), so it cannot be "
+            "exported: the log was damaged or edited; evflow verify shows where",
+            execution_id=record.execution_id,
+        ) from error
 
 
 def read_export(path: Path) -> Iterator[Record]:
@@ -74,8 +89,9 @@ def _record(line: bytes, number: int, path: Path) -> Record:
 
 
 async def verify_store(store: EventStore, execution_id: str | None = None) -> Verdict:
-    """Walk the hash chains of a live log, or of one execution in it."""
-    return await verify_async(records_of(store, execution_id=execution_id))
+    """Walk the hash chains of a live log, or of one execution in it, and check that each
+    event reads as one and that the log's idempotency index agrees with it."""
+    return await verify_async(records_of(store, execution_id=execution_id), content_problem)
 
 
 def verify_export(path: Path, execution_id: str | None = None) -> Verdict:
@@ -83,7 +99,29 @@ def verify_export(path: Path, execution_id: str | None = None) -> Verdict:
     records = read_export(path)
     if execution_id is not None:
         records = (record for record in records if record.execution_id == execution_id)
-    return verify(records)
+    return verify(records, content_problem)
+
+
+def content_problem(record: Record) -> str | None:
+    """What keeps a hash-valid record from being a sound event of the log, if anything: its
+    time, its event (upcast if old), its type column, its idempotency scope."""
+    try:
+        stamp = datetime.fromisoformat(record.at)
+        event = decode(bytes(record.data), record.schema_version)
+    except ValueError as error:  # msgspec's decode errors are ValueErrors too
+        return f"it does not read as an event of this evflow ({error}); upgrade evflow"
+    if stamp.utcoffset() is None:
+        return f"its time {record.at} has no UTC offset"
+
+    if type(event).__name__ != record.type:
+        return f"its type column says {record.type} but it holds a {type(event).__name__}"
+    scope = event_scope(record.execution_id, event)
+    if record.scope != scope:
+        return (
+            f"the log's idempotency index holds {record.scope} for it, but its key claims "
+            f"{scope}: the index was changed, so a repeated command would not be recognised"
+        )
+    return None
 
 
 async def import_export(store: EventStore, path: Path) -> int:
@@ -106,7 +144,7 @@ async def import_export(store: EventStore, path: Path) -> int:
 
 def _checked(path: Path) -> list[Record]:
     """The records of an export, once their chains, order and events are found sound."""
-    verifier, records, last = Verifier(), [], 0
+    verifier, records, last = Verifier(content_problem), [], 0
     for record in read_export(path):
         if record.position <= last:
             raise StoreError(
@@ -120,24 +158,6 @@ def _checked(path: Path) -> list[Record]:
                 f"{broken.version}: {broken.problem}; nothing was imported",
                 execution_id=broken.execution_id,
             )
-        _check_event(record, path)
         records.append(record)
         last = record.position
     return records
-
-
-def _check_event(record: Record, path: Path) -> None:
-    try:
-        event = decode(bytes(record.data), record.schema_version)
-    except msgspec.DecodeError as error:
-        raise StoreError(
-            f"{path}: execution {record.execution_id} version {record.version} holds no "
-            f"event this evflow knows ({error}); upgrade evflow or fix the export",
-            execution_id=record.execution_id,
-        ) from error
-    if type(event).__name__ != record.type:
-        raise StoreError(
-            f"{path}: execution {record.execution_id} version {record.version} says type "
-            f"{record.type} but holds a {type(event).__name__}",
-            execution_id=record.execution_id,
-        )

@@ -205,8 +205,9 @@ class Client:
         """One page of executions, the most recently changed first, of one flow and in one
         status if given; pass its ``next`` as ``after`` for the page after it.
 
-        ``limit`` is 100 unless given (at most 1000). An execution that changes while you
-        page moves to the front and is not listed again; every other one is listed once.
+        ``limit`` is 100 unless given (at most 1000). The pages that follow one another by
+        ``next`` are one snapshot: the log as it stood when the first page was read, so
+        each execution that existed then is listed once, in its state then.
         """
         query = {"flow": flow, "status": status, "limit": limit, "after": after}
         body = msgspec.json.encode({k: v for k, v in query.items() if v is not None})

@@ -340,9 +340,12 @@ class Engine:
         status: Status | None = None,
         limit: int = 100,
         before_position: int | None = None,
+        as_of_position: int | None = None,
     ) -> list[ExecutionSummary]:
         """Executions, the most recently changed first; see ``EventStore.list_executions``."""
-        return await self.store.list_executions(flow, status, limit, before_position)
+        return await self.store.list_executions(
+            flow, status, limit, before_position, as_of_position
+        )
 
     async def history(self, execution_id: str) -> list[StoredEvent]:
         """The events of an execution, in version order."""

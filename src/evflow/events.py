@@ -198,7 +198,10 @@ class Upcasters:
 
         def add(step: Upcaster) -> Upcaster:
             if (type_name, from_version) in self._steps:
-                raise ValueError(f"{type_name} already has an upcaster from v{from_version}")
+                raise ValueError(
+                    f"{type_name} already has an upcaster from schema version {from_version}; "
+                    "register one function per type and version, chaining versions in order"
+                )
             self._steps[type_name, from_version] = step
             return step
 
@@ -215,6 +218,8 @@ class Upcasters:
             )
 
         obj = msgspec.json.decode(data)
+        if not isinstance(obj, dict):
+            raise msgspec.ValidationError(f"a stored event must be a JSON object, not {obj!r}")
         for version in range(schema_version, self.current):
             step = self._steps.get((obj.get("type", ""), version))
             if step is not None:

@@ -61,38 +61,50 @@ def list_query(body: bytes) -> ListQuery:
         raise _bad_field(error.field or "", _shown(body, error.field or ""), takes) from None
     assert isinstance(query, ListQuery)
     if query.after is not None:
-        position_of(query.after)
+        cursor_of(query.after)
     return query
 
 
 async def list_page(engine: Engine, query: ListQuery) -> ExecutionList:
-    """One page of the listing the query asks for, and the token of the page after it."""
-    before = position_of(query.after) if query.after is not None else None
+    """One page of the listing the query asks for, and the token of the page after it.
+
+    The first page fixes the snapshot (the log's end as it is read); the token carries it,
+    so every later page lists the log as it stood then.
+    """
+    if query.after is not None:
+        before, as_of = cursor_of(query.after)
+    else:
+        before, as_of = None, await engine.store.last_position()
 
     # One row more than the page shows whether another page follows.
-    rows = await engine.list_executions(query.flow, query.status, query.limit + 1, before)
+    rows = await engine.list_executions(query.flow, query.status, query.limit + 1, before, as_of)
     page = rows[: query.limit]
     more = len(rows) > query.limit
-    return ExecutionList(executions=page, next=page_token(page[-1].position) if more else None)
+    return ExecutionList(
+        executions=page, next=page_token(page[-1].position, as_of) if more else None
+    )
 
 
-def page_token(position: int) -> str:
-    """The ``next`` token of a page whose last row's latest event is at ``position``."""
-    raw = f"{_TOKEN_PREFIX}{position}".encode()
+def page_token(position: int, as_of: int) -> str:
+    """The ``next`` token of a page whose last row's latest event is at ``position``, in
+    the snapshot of the log up to ``as_of``."""
+    raw = f"{_TOKEN_PREFIX}{position}:{as_of}".encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def position_of(token: str) -> int:
-    """The position a ``next`` token carries; a token this engine did not give is refused."""
+def cursor_of(token: str) -> tuple[int, int]:
+    """The position and snapshot a ``next`` token carries; a token this engine did not give
+    is refused."""
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        position = int(raw.removeprefix(_TOKEN_PREFIX)) if raw.startswith(_TOKEN_PREFIX) else 0
+        before, _, as_of = raw.removeprefix(_TOKEN_PREFIX).partition(":")
+        cursor = (int(before), int(as_of)) if raw.startswith(_TOKEN_PREFIX) else (0, 0)
     except (binascii.Error, UnicodeDecodeError, ValueError):
-        position = 0
-    if position < 1:
+        cursor = (0, 0)
+    if min(cursor) < 1:
         shown = token if len(token) <= 40 else f"{token[:40]}..."
         raise _bad_field("after", f"'{shown}'", _LIST_FIELDS["after"])
-    return position
+    return cursor
 
 
 def _bad_field(field: str, shown: str, takes: str) -> InvalidInput:

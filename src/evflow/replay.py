@@ -32,17 +32,24 @@ from __future__ import annotations
 
 import asyncio
 import json
-import traceback
 from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
+from .chain import Record
 from .context import Sleeping, Suspended, describe
-from .errors import EvflowError, NondeterminismError, UnknownExecution, UnknownFlow
-from .events import Event, ExecutionCompleted, ExecutionFailed, ExecutionStarted, StoredEvent
+from .errors import EvflowError, NondeterminismError, StoreError, UnknownExecution, UnknownFlow
+from .events import (
+    Event,
+    ExecutionCompleted,
+    ExecutionFailed,
+    ExecutionStarted,
+    StoredEvent,
+    decode,
+)
 from .flow import App, FlowDef
+from .replay_verdicts import Result, Summary, Verdict, raised_at, unfolded, verdict_of
 from .runtime import Outcome, Runner
 from .state import ExecutionState, Status, fold
 from .store import EventStore
@@ -51,72 +58,31 @@ from .timers import ManualClock
 REPLAY_TIMEOUT = 30.0
 """Seconds one execution's flow code may take to replay before it is reported as an error."""
 
-Result = Literal["ok", "diverged", "unknown_flow", "error"]
-
-
-class Verdict(msgspec.Struct, frozen=True):
-    """What replaying one execution against the current flow code found."""
-
-    execution_id: str
-    """The execution replayed."""
-    flow: str
-    """Its flow."""
-    flow_version: int
-    """The version of the flow code it started on."""
-    outcome: Result
-    """``ok``, ``diverged``, ``unknown_flow`` or ``error``."""
-    status: str | None
-    """Where the history stands (``paused``, ``completed`` ...); None if it does not fold."""
-    events: int
-    """How many events the history holds."""
-    message: str
-    """What was found, in a sentence."""
-    sequence: int | None = None
-    """Diverged or error: the operation concerned (one past the last for a flow's end)."""
-    recorded: str | None = None
-    """Diverged or error: what the history records there (``step charge``, ``completed``)."""
-    issued: str | None = None
-    """Diverged or error: what the code issued there instead."""
-    past_end: str | None = None
-    """Ok: what the code goes on with past the end of a history that ends running or
-    cancelled; a step there is not run."""
-
-
-class Summary(msgspec.Struct):
-    """How many executions got each outcome."""
-
-    executions: int = 0
-    ok: int = 0
-    diverged: int = 0
-    unknown_flow: int = 0
-    error: int = 0
-
-    def add(self, verdict: Verdict) -> None:
-        """Count one more verdict."""
-        self.executions += 1
-        setattr(self, verdict.outcome, getattr(self, verdict.outcome) + 1)
-
-    @property
-    def passed(self) -> bool:
-        """Whether every execution replayed as recorded."""
-        return self.ok == self.executions
-
 
 async def execution_ids(store: EventStore, flow: str | None = None, page: int = 1000) -> list[str]:
     """The executions in the log, in the order they started; only ``flow``'s if given.
 
-    The store has no list of executions, so this reads the whole log in pages, decoding
-    every event once to find the starts: time grows with the size of the log.
+    This reads the log's records in pages and decodes only the starts: time grows with the
+    size of the log. A start that does not decode is kept, so its replay reports why.
     """
     found: list[str] = []
     after = 0
-    while batch := await store.read_all(after, page):
-        for stored in batch:
-            event = stored.event
-            if isinstance(event, ExecutionStarted) and flow in (None, event.flow):
-                found.append(stored.execution_id)
+    while batch := await store.records(after, page):
+        for record in batch:
+            if record.type == "ExecutionStarted" and _of_flow(record, flow):
+                found.append(record.execution_id)
         after = batch[-1].position
     return found
+
+
+def _of_flow(record: Record, flow: str | None) -> bool:
+    if flow is None:
+        return True
+    try:
+        event = decode(bytes(record.data), record.schema_version)
+    except ValueError:  # msgspec's decode errors are ValueErrors
+        return True
+    return isinstance(event, ExecutionStarted) and event.flow == flow
 
 
 async def replay_log(
@@ -124,7 +90,11 @@ async def replay_log(
 ) -> AsyncIterator[Verdict]:
     """Replay each of ``executions``, read from ``store`` one at a time, in order."""
     for execution_id in executions:
-        history = await store.read(execution_id)
+        try:
+            history = await store.read(execution_id)
+        except StoreError as error:  # a damaged history fails alone, not the whole audit
+            yield Verdict(execution_id, "", 0, "error", None, 0, error.message)
+            continue
         if not history:
             raise UnknownExecution(
                 f"there is no execution {execution_id} in the log; check the execution ID "
@@ -141,19 +111,19 @@ async def replay_execution(
     try:
         state = fold(history)
     except ValueError as error:
-        return _unfolded(history, error)
+        return unfolded(history, error)
     assert state is not None
 
     try:
         flow = _flow_for(app, history[0])
     except UnknownFlow as error:
-        return _verdict(state, "unknown_flow", error.message)
+        return verdict_of(state, "unknown_flow", error.message)
 
     try:
         return await _Replay(flow, state, history).run(timeout)
     except Exception as error:  # one execution's surprise must not end the whole audit
-        message = f"execution {state.execution_id}: replay failed with {_raised(error)}"
-        return _verdict(state, "error", message)
+        message = f"execution {state.execution_id}: replay failed with {raised_at(error)}"
+        return verdict_of(state, "error", message)
 
 
 def _flow_for(app: App, started: StoredEvent) -> FlowDef:
@@ -232,7 +202,7 @@ class _Replay:
                 f"execution {self.state.execution_id}: the flow code did not reach its next "
                 f"operation within {timeout:g} s; flow code must wait only on its Context"
             )
-            return _verdict(self.state, "error", message)
+            return verdict_of(self.state, "error", message)
         finally:
             await runner.close()
         if self.state.status in (Status.COMPLETED, Status.FAILED):
@@ -247,13 +217,13 @@ class _Replay:
         if self.raised and where["issued"] == ExecutionFailed.kind:
             raised = self.raised[0]
             message = (
-                f"execution {self.state.execution_id}: the flow code raised {_raised(raised)} "
+                f"execution {self.state.execution_id}: the flow code raised {raised_at(raised)} "
                 f"where the history records {quoted(str(where['recorded']))} (operation "
                 f"{where['sequence']})"
             )
             where["issued"] = f"failed {type(raised).__name__}: {raised}"
-            return _verdict(self.state, "error", message, **where)
-        return _verdict(self.state, "diverged", error.message, **where)
+            return verdict_of(self.state, "error", message, **where)
+        return verdict_of(self.state, "diverged", error.message, **where)
 
     def _judge_end(self, runner: Runner, outcome: Outcome | None) -> Verdict:
         """A completed or failed history: the code must end the same way, and no later."""
@@ -267,7 +237,7 @@ class _Replay:
             ends = "completes with the recorded result"
             if isinstance(recorded, ExecutionFailed):
                 ends = f"fails as recorded ({_end_text(recorded)})"
-            return _verdict(self.state, "ok", f"replays all {self._ops()} and {ends}")
+            return verdict_of(self.state, "ok", f"replays all {self._ops()} and {ends}")
         where = {
             "sequence": self.operations + 1,
             "recorded": _end_text(recorded),
@@ -276,14 +246,14 @@ class _Replay:
         if self.raised and isinstance(issued, ExecutionFailed):
             message = (
                 f"execution {self.state.execution_id}: the flow code raised "
-                f"{_raised(self.raised[0])} where the history records {where['recorded']}"
+                f"{raised_at(self.raised[0])} where the history records {where['recorded']}"
             )
-            return _verdict(self.state, "error", message, **where)
+            return verdict_of(self.state, "error", message, **where)
         message = (
             f"execution {self.state.execution_id}: the flow code ends {where['issued']}, but "
             f"the history records {where['recorded']}; {_CHANGED}"
         )
-        return _verdict(self.state, "diverged", message, **where)
+        return verdict_of(self.state, "diverged", message, **where)
 
     def _went_past(self, runner: Runner, recorded: Event) -> Verdict:
         """The code goes on past the end of a history that records the flow's end."""
@@ -294,7 +264,7 @@ class _Replay:
             f"{quoted(issued)}; {_CHANGED}"
         )
         where = {"sequence": sequence, "recorded": _end_text(recorded), "issued": issued}
-        return _verdict(self.state, "diverged", message, **where)
+        return verdict_of(self.state, "diverged", message, **where)
 
     def _judge_settled(self, runner: Runner, outcome: Outcome | None) -> Verdict:
         """A paused or waiting history: the code must wait at the same operation."""
@@ -304,14 +274,14 @@ class _Replay:
             at = f"the timer of operation {self.operations}"
         if isinstance(outcome, Suspended | Sleeping) and outcome.sequence == self.operations:
             message = f"replays all {self._ops()} and waits at {at}, as recorded"
-            return _verdict(self.state, "ok", message)
+            return verdict_of(self.state, "ok", message)
         sequence, issued = self._next(runner)
         message = (
             f"execution {self.state.execution_id}: the history waits at {at}, but the flow "
             f"code goes on with {quoted(issued)} (operation {sequence})"
         )
         where = {"sequence": sequence, "recorded": last, "issued": issued}
-        return _verdict(self.state, "diverged", message, **where)
+        return verdict_of(self.state, "diverged", message, **where)
 
     def _judge_open(self, runner: Runner, outcome: Outcome | None) -> Verdict:
         """A history that ends running or cancelled: nothing past its end is recorded."""
@@ -321,7 +291,7 @@ class _Replay:
         if outcome is None or runner.pending:
             past_end = self._next(runner)[1]
             message += f", and the flow code goes on with {quoted(past_end)} (not run)"
-        return _verdict(self.state, "ok", message, past_end=past_end)
+        return verdict_of(self.state, "ok", message, past_end=past_end)
 
     def _next(self, runner: Runner) -> tuple[int, str]:
         """The first thing the code decided past the end of the history: sequence, name."""
@@ -381,39 +351,13 @@ def _end_text(event: Event) -> str:
     return describe(event)
 
 
-_PACKAGE = Path(__file__).resolve().parent
-
-
-def _raised(error: BaseException) -> str:
-    """An exception and the line of flow code that raised it: ``NameError: name 'x' is not
-    defined (flows.py:12)``, so the auditor finds it (evflow's own frames are skipped)."""
-    frames = [
-        frame
-        for frame in traceback.extract_tb(error.__traceback__)
-        if not Path(frame.filename).resolve().is_relative_to(_PACKAGE)
-    ]
-    where = f" ({Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
-    return f"{type(error).__name__}: {error}{where}"
-
-
-def _verdict(state: ExecutionState, outcome: Result, message: str, **where: Any) -> Verdict:
-    return Verdict(
-        execution_id=state.execution_id,
-        flow=state.flow,
-        flow_version=state.flow_version,
-        outcome=outcome,
-        status=state.status.value,
-        events=state.version,
-        message=message,
-        **where,
-    )
-
-
-def _unfolded(history: list[StoredEvent], error: ValueError) -> Verdict:
-    """The verdict on a history that does not fold: a gap, or no start."""
-    started = history[0].event
-    flow, version = (
-        (started.flow, started.flow_version) if isinstance(started, ExecutionStarted) else ("", 0)
-    )
-    message = f"the history does not fold, so it cannot be replayed: {error}"
-    return Verdict(history[0].execution_id, flow, version, "error", None, len(history), message)
+__all__ = [
+    "REPLAY_TIMEOUT",
+    "Result",
+    "Summary",
+    "Verdict",
+    "execution_ids",
+    "quoted",
+    "replay_execution",
+    "replay_log",
+]

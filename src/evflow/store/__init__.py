@@ -16,7 +16,7 @@ from typing import Protocol
 import msgspec
 
 from ..chain import Record
-from ..events import ExecutionCancelled, ExecutionResumed, ExecutionStarted, StoredEvent
+from ..events import Event, ExecutionCancelled, ExecutionResumed, ExecutionStarted, StoredEvent
 from ..state import Status
 from ..timers import Timer
 
@@ -97,16 +97,21 @@ class EventStore(Protocol):
         status: Status | None = None,
         limit: int = 100,
         before_position: int | None = None,
+        as_of_position: int | None = None,
     ) -> list[ExecutionSummary]:
         """At most ``limit`` executions, the most recently changed first, of one flow and
-        in one status if given.
+        in one status if given, as the log stood at ``as_of_position`` (its end if None).
 
         The order is the position of each execution's latest event, newest first. Passing
-        the ``position`` of a page's last row as ``before_position`` gives the next page:
-        an execution that does not change meanwhile is listed exactly once, while one that
-        changes moves to the front, past the pages still to come. The status is derived
-        from the latest event's type, never stored beside the log.
+        the ``position`` of a page's last row as ``before_position``, with the same
+        ``as_of_position``, gives the next page of the same snapshot: every execution that
+        existed then is listed exactly once, in the state it had then, however the log
+        grows meanwhile. The status is derived from the latest event's type, never stored
+        beside the log.
         """
+
+    async def last_position(self) -> int:
+        """The position of the latest event in the log; 0 when it is empty."""
 
     async def load_checkpoint(self, name: str) -> int:
         """The global position checkpoint ``name`` was last saved at; 0 if never saved."""
@@ -125,13 +130,17 @@ def idempotency_scope(stored: StoredEvent) -> str | None:
     An invoke key is scoped to its flow, a resume or cancel key to its execution, so the
     same key may be used for unrelated commands without colliding.
     """
-    event = stored.event
+    return event_scope(stored.execution_id, stored.event)
+
+
+def event_scope(execution_id: str, event: Event) -> str | None:
+    """The scope ``event`` of ``execution_id`` claims; see ``idempotency_scope``."""
     if isinstance(event, ExecutionStarted) and event.idempotency_key is not None:
         return invoke_scope(event.flow, event.idempotency_key)
     if isinstance(event, ExecutionResumed) and event.idempotency_key is not None:
-        return resume_scope(stored.execution_id, event.idempotency_key)
+        return resume_scope(execution_id, event.idempotency_key)
     if isinstance(event, ExecutionCancelled) and event.idempotency_key is not None:
-        return cancel_scope(stored.execution_id, event.idempotency_key)
+        return cancel_scope(execution_id, event.idempotency_key)
     return None
 
 
@@ -204,6 +213,7 @@ __all__ = [
     "ExecutionSummary",
     "cancel_scope",
     "check_append",
+    "event_scope",
     "idempotency_scope",
     "invoke_scope",
     "open_store",

@@ -7,7 +7,6 @@ once released; a change is a new migration at the end.
 from __future__ import annotations
 
 import logging
-import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -15,13 +14,52 @@ import aiosqlite
 
 from ..chain import link_hash
 from ..errors import StoreError
+from .rows import Query
 
 logger = logging.getLogger(__name__)
 
-Query = Callable[..., Awaitable[list[sqlite3.Row]]]
-"""Runs one read and returns its rows."""
 
-MIGRATIONS: tuple[str, ...] = (
+Step = Callable[[aiosqlite.Connection], Awaitable[None]]
+"""A migration that needs more than SQL statements."""
+
+
+async def _chain_events(db: aiosqlite.Connection) -> None:
+    """Add the hash chain's columns if missing, and chain every event that has no hash.
+
+    A log written before the chain existed is chained whole, once; a log that an older
+    evflow wrote to after a newer one had chained it (a rollback of a deploy) gets its
+    unhashed events chained after the hashed ones it finds, which are kept as they are.
+    This reads the whole log, inside the migration's transaction: a large log takes a while
+    to open the first time.
+    """
+    async with db.execute("PRAGMA table_info(events)") as cursor:
+        columns = {row[1] for row in await cursor.fetchall()}
+    for column in ("prev_hash", "hash"):
+        if column not in columns:
+            await db.execute(f"ALTER TABLE events ADD COLUMN {column} TEXT")
+
+    async with db.execute(
+        "SELECT position, execution_id, version, type, schema_version, at, data, hash"
+        " FROM events ORDER BY execution_id, version"
+    ) as cursor:
+        rows = await cursor.fetchall()
+    previous: tuple[str, str | None] = ("", None)
+    chained = 0
+    for position, execution_id, version, type_, schema_version, at, data, digest in rows:
+        prev = previous[1] if previous[0] == execution_id else None
+        if digest is None:
+            digest = link_hash(execution_id, version, type_, schema_version, at, data, prev)
+            await db.execute(
+                "UPDATE events SET prev_hash = ?, hash = ? WHERE position = ?",
+                (prev, digest, position),
+            )
+            chained += 1
+        previous = (execution_id, digest)
+    if chained:
+        logger.warning("hash-chained %d events that were written without a hash", chained)
+
+
+MIGRATIONS: tuple[str | Step, ...] = (
     """
     CREATE TABLE events (
         position INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -43,57 +81,48 @@ MIGRATIONS: tuple[str, ...] = (
         position INTEGER NOT NULL
     );
     """,
-    """
-    ALTER TABLE events ADD COLUMN prev_hash TEXT;
-    ALTER TABLE events ADD COLUMN hash TEXT;
-    """,
+    _chain_events,
 )
-"""Schema changes in order; ``schema_version`` holds how many have been applied."""
+"""Schema changes in order; ``schema_version`` holds how many have been applied. A step
+that an older evflow may have undone in part (by writing the old version number back)
+must be safe to run again."""
 
-CHAINED_FROM = 3
-"""The migration after which events carry hashes; older rows are chained when it runs."""
 
-
-async def migrate(db: aiosqlite.Connection) -> None:
+async def migrate(db: aiosqlite.Connection, path: Path) -> None:
     """Bring the schema up to date in one transaction; a new file gets every migration."""
     await db.execute("BEGIN IMMEDIATE")
-    await db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-    async with db.execute("SELECT version FROM schema_version") as cursor:
-        row = await cursor.fetchone()
-    applied = row[0] if row else 0
-    for script in MIGRATIONS[applied:]:
-        for statement in filter(str.strip, script.split(";")):
+    try:
+        await db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        async with db.execute("SELECT version FROM schema_version") as cursor:
+            row = await cursor.fetchone()
+        applied = row[0] if row else 0
+        _check_not_newer(applied, path)
+        for step in MIGRATIONS[applied:]:
+            await _apply(db, step)
+        if row is None:
+            await db.execute("INSERT INTO schema_version VALUES (?)", (len(MIGRATIONS),))
+        else:
+            await db.execute("UPDATE schema_version SET version = ?", (len(MIGRATIONS),))
+        await db.execute("COMMIT")
+    except BaseException:
+        await db.execute("ROLLBACK")
+        raise
+
+
+async def _apply(db: aiosqlite.Connection, step: str | Step) -> None:
+    if isinstance(step, str):
+        for statement in filter(str.strip, step.split(";")):
             await db.execute(statement)
-    if 0 < applied < CHAINED_FROM <= len(MIGRATIONS):
-        await _chain_existing(db)
-    if row is None:
-        await db.execute("INSERT INTO schema_version VALUES (?)", (len(MIGRATIONS),))
     else:
-        await db.execute("UPDATE schema_version SET version = ?", (len(MIGRATIONS),))
-    await db.execute("COMMIT")
+        await step(db)
 
 
-async def _chain_existing(db: aiosqlite.Connection) -> None:
-    """Hash the events written before the log was chained, in one pass per execution.
-
-    This runs once, inside the migration's transaction, and reads the whole log: a large
-    log written by an older evflow takes a while to open the first time.
-    """
-    previous: tuple[str, str | None] = ("", None)
-    async with db.execute(
-        "SELECT position, execution_id, version, type, schema_version, at, data FROM events"
-        " ORDER BY execution_id, version"
-    ) as cursor:
-        rows = await cursor.fetchall()
-    for position, execution_id, version, type_, schema_version, at, data in rows:
-        prev = previous[1] if previous[0] == execution_id else None
-        digest = link_hash(execution_id, version, type_, schema_version, at, data, prev)
-        await db.execute(
-            "UPDATE events SET prev_hash = ?, hash = ? WHERE position = ?",
-            (prev, digest, position),
+def _check_not_newer(version: int, path: Path) -> None:
+    if version > len(MIGRATIONS):
+        raise StoreError(
+            f"the SQLite log at {path} has schema version {version}, newer than the "
+            f"{len(MIGRATIONS)} this evflow knows; use the evflow that wrote it, or a newer one"
         )
-        previous = (execution_id, digest)
-    logger.info("chained %d events written before the log was hash-chained", len(rows))
 
 
 async def check_readable(query: Query, path: Path) -> None:
@@ -111,8 +140,4 @@ async def check_readable(query: Query, path: Path) -> None:
             f"evflow's {len(MIGRATIONS)}, and cannot be read without changing it; start "
             "`evflow serve` on it once, which migrates it (and hash-chains its events)"
         )
-    if version > len(MIGRATIONS):
-        raise StoreError(
-            f"the SQLite log at {path} has schema version {version}, newer than the "
-            f"{len(MIGRATIONS)} this evflow reads; use the evflow that wrote it"
-        )
+    _check_not_newer(version, path)

@@ -21,15 +21,16 @@ from pathlib import Path
 from urllib.parse import quote
 
 import aiosqlite
+from msgspec.structs import replace
 
-from ..chain import Record, link_hash
+from ..chain import Record
 from ..errors import ConcurrencyError, DuplicateCommand, StoreError
-from ..events import StoredEvent, encode
+from ..events import StoredEvent
 from ..state import Status
 from ..timers import Timer
-from . import ExecutionSummary, check_append, idempotency_scope, sqlite_listing, sqlite_startup
+from . import ExecutionSummary, check_append, sqlite_listing, sqlite_startup
 from .migrations import check_readable, migrate
-from .rows import record, scope_of, stored_event
+from .rows import chained_row, record, stored_event
 
 logger = logging.getLogger(__name__)
 
@@ -90,10 +91,13 @@ class SqliteStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._writer_db = await self._connect()
-            await migrate(self._writer_db)
+            await migrate(self._writer_db, self.path)
             self._reader_db = await self._connect()
-        except sqlite3.Error as error:
-            raise StoreError(f"cannot open the SQLite log at {self.path}: {error}") from error
+        except BaseException as error:
+            await self.close()  # else a connection's thread keeps the process alive
+            if isinstance(error, sqlite3.Error):
+                raise StoreError(f"cannot open the SQLite log at {self.path}: {error}") from error
+            raise
         self._writer = asyncio.create_task(self._write_loop(), name="evflow-sqlite-writer")
         logger.info("opened the SQLite log at %s", self.path)
 
@@ -121,9 +125,13 @@ class SqliteStore:
 
     async def _connect(self) -> aiosqlite.Connection:
         db = await aiosqlite.connect(self.path, isolation_level=None)
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute(f"PRAGMA synchronous={self.synchronous}")
-        await db.execute("PRAGMA busy_timeout=10000")
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute(f"PRAGMA synchronous={self.synchronous}")
+            await db.execute("PRAGMA busy_timeout=10000")
+        except BaseException:
+            await db.close()  # a file that is no database fails here, after connecting
+            raise
         return db
 
     async def close(self) -> None:
@@ -250,50 +258,18 @@ class SqliteStore:
     async def _insert_one(
         self, db: aiosqlite.Connection, item: StoredEvent, prev_hash: str | None
     ) -> StoredEvent:
-        scope = idempotency_scope(item)
-        type_, at, data = type(item.event).__name__, item.at.isoformat(), encode(item.event)
-        digest = link_hash(
-            item.execution_id, item.version, type_, item.schema_version, at, data, prev_hash
-        )
+        row = chained_row(item, prev_hash)
         try:
             cursor = await db.execute(
                 "INSERT INTO events (execution_id, version, type, schema_version, at, data,"
-                " idempotency_scope, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    item.execution_id,
-                    item.version,
-                    type_,
-                    item.schema_version,
-                    at,
-                    data.decode(),
-                    scope,
-                    prev_hash,
-                    digest,
-                ),
+                " prev_hash, hash, idempotency_scope) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                row,
             )
         except sqlite3.IntegrityError as error:
-            if scope is not None and "idempotency" in str(error):
-                raise DuplicateCommand(
-                    f"idempotency scope {scope} was already claimed",
-                    execution_id=item.execution_id,
-                    scope=scope,
-                ) from error
-            raise ConcurrencyError(
-                f"execution {item.execution_id} already has version {item.version}; re-read it",
-                execution_id=item.execution_id,
-            ) from error
-        position = cursor.lastrowid
+            raise _refusal(item, row[-1], error) from error
+        position = cursor.lastrowid or 0
         await cursor.close()
-        return StoredEvent(
-            execution_id=item.execution_id,
-            version=item.version,
-            at=item.at,
-            event=item.event,
-            position=position or 0,
-            schema_version=item.schema_version,
-            prev_hash=prev_hash,
-            hash=digest,
-        )
+        return replace(item, position=position, prev_hash=prev_hash, hash=row[-2])
 
     async def read(self, execution_id: str, to_version: int | None = None) -> list[StoredEvent]:
         """One execution's events in version order, up to ``to_version`` if given."""
@@ -332,34 +308,44 @@ class SqliteStore:
         where = "position > ?" + (" AND execution_id = ?" if execution_id is not None else "")
         params = (after_position,) + ((execution_id,) if execution_id is not None else ())
         rows = await self._query(
-            f"SELECT {_COLUMNS} FROM events WHERE {where} ORDER BY position LIMIT ?",
+            f"SELECT {_COLUMNS}, idempotency_scope FROM events WHERE {where}"
+            " ORDER BY position LIMIT ?",
             (*params, limit),
         )
         return [record(*row) for row in rows]
 
     async def import_records(self, records: Sequence[Record]) -> None:
-        """Write ``records`` as they are, positions and hashes kept; see ``EventStore``."""
+        """Write ``records`` as they are, positions, hashes and scopes kept, into an empty
+        log; see ``EventStore``."""
         self._check_open("importing")
         db = self._writer_db
         assert db is not None
         rows = [
             (r.position, r.execution_id, r.version, r.type, r.schema_version, r.at,
-             bytes(r.data).decode(), r.prev_hash, r.hash, scope_of(r))
+             bytes(r.data).decode(), r.prev_hash, r.hash, r.scope)
             for r in records
         ]  # fmt: skip
         await db.execute("BEGIN IMMEDIATE")
         try:
+            async with db.execute("SELECT 1 FROM events LIMIT 1") as cursor:
+                if await cursor.fetchone() is not None:
+                    raise StoreError(
+                        f"the SQLite log at {self.path} already holds events; import into a "
+                        "new file, for example --store sqlite:///copy.db"
+                    )
             await db.executemany(
                 f"INSERT INTO events ({_COLUMNS}, idempotency_scope)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
             await db.execute("COMMIT")
-        except sqlite3.Error as error:
+        except BaseException as error:
             await db.execute("ROLLBACK")
-            raise StoreError(
-                f"importing into the SQLite log at {self.path} failed: {error}"
-            ) from error
+            if isinstance(error, sqlite3.Error):
+                raise StoreError(
+                    f"importing into the SQLite log at {self.path} failed: {error}"
+                ) from error
+            raise
 
     async def is_empty(self) -> bool:
         """True when the log holds no event."""
@@ -371,12 +357,18 @@ class SqliteStore:
         status: Status | None = None,
         limit: int = 100,
         before_position: int | None = None,
+        as_of_position: int | None = None,
     ) -> list[ExecutionSummary]:
         """The most recently changed executions first; see ``EventStore`` and
         ``sqlite_listing`` for how, and what it costs."""
         return await sqlite_listing.list_executions(
-            self._query, flow, status, limit, before_position
+            self._query, flow, status, limit, before_position, as_of_position
         )
+
+    async def last_position(self) -> int:
+        """The position of the latest event in the log; 0 when it is empty."""
+        rows = await self._query("SELECT coalesce(max(position), 0) FROM events")
+        return rows[0][0]
 
     def _reader(self) -> aiosqlite.Connection:
         if self._reader_db is None:
@@ -395,3 +387,17 @@ class SqliteStore:
 
     async def _select(self, sql: str, params: tuple[object, ...]) -> list[StoredEvent]:
         return [stored_event(*row) for row in await self._query(sql, params)]
+
+
+def _refusal(item: StoredEvent, scope: str | None, error: sqlite3.IntegrityError) -> Exception:
+    """What a refused insert means: a claimed idempotency scope, or a version taken."""
+    if scope is not None and "idempotency" in str(error):
+        return DuplicateCommand(
+            f"idempotency scope {scope} was already claimed",
+            execution_id=item.execution_id,
+            scope=scope,
+        )
+    return ConcurrencyError(
+        f"execution {item.execution_id} already has version {item.version}; re-read it",
+        execution_id=item.execution_id,
+    )

@@ -3,10 +3,15 @@
 Nothing is kept beside the log for it: each execution's row comes from its first event
 (flow, flow version, start) and its latest one (version, status, time of last change).
 
-The log is walked back by position from where the page starts, keeping each event that is
-its execution's latest (one look-up in the (execution_id, version) index per event), until
-a page is full; only the first events of the rows kept have their JSON read. A page thus
-costs about the events appended since its oldest row, whatever the size of the log.
+A listing is a snapshot: only events up to ``as_of_position`` count, so pages taken while
+the log grows all describe the log as it stood then. The log is walked back by position
+from where the page starts, keeping each event that was its execution's latest then (one
+look-up in the (execution_id, version) index per event), until a page is full; only the
+first events of the rows kept have their JSON read. A page thus costs about the events
+appended since its oldest row, whatever the size of the log.
+
+Known limit: the flow and flow version are read from the first event's raw JSON, so a
+change of ``ExecutionStarted``'s shape that an upcaster lifts must change this SQL too.
 
 Known limit: a filter that few executions match walks further, up to the whole log when
 fewer than a page match (some 40 ms per 400,000 events on a laptop). A projection rebuilt
@@ -15,24 +20,20 @@ from the log would bound it, should listings of rare statuses in huge logs need 
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 from ..state import Status, event_types_of, status_after
 from . import ExecutionSummary
-
-Query = Callable[[str, tuple[object, ...]], Awaitable[list[sqlite3.Row]]]
-"""Runs one read on the store's reader connection."""
+from .rows import Query
 
 _LISTING = (
     "SELECT e.execution_id, json_extract(s.data, '$.flow'),"
     " coalesce(json_extract(s.data, '$.flow_version'), 1), e.type, e.version, s.at, e.at,"
     " e.position FROM events e"
     " JOIN events s ON s.execution_id = e.execution_id AND s.version = 1"
-    " WHERE e.position < ? {status}"
+    " WHERE e.position < ? AND e.position <= ? {status}"
     " AND NOT EXISTS (SELECT 1 FROM events n"
-    " WHERE n.execution_id = e.execution_id AND n.version = e.version + 1)"
+    " WHERE n.execution_id = e.execution_id AND n.version = e.version + 1 AND n.position <= ?)"
     " AND (? IS NULL OR json_extract(s.data, '$.flow') = ?)"
     " ORDER BY e.position DESC LIMIT ?"
 )
@@ -47,15 +48,18 @@ async def list_executions(
     status: Status | None,
     limit: int,
     before_position: int | None,
+    as_of_position: int | None = None,
 ) -> list[ExecutionSummary]:
-    """At most ``limit`` executions whose latest event lies before ``before_position``,
-    newest first, of ``flow`` and in ``status`` when given."""
+    """At most ``limit`` executions whose latest event as of ``as_of_position`` lies before
+    ``before_position``, newest first, of ``flow`` and in ``status`` when given."""
     types = event_types_of(status) if status is not None else ()
     where = f"AND e.type IN ({','.join('?' * len(types))})" if types else ""
     before = before_position if before_position is not None else _END
+    as_of = as_of_position if as_of_position is not None else _END
 
     # LIMIT -1 means no limit to SQLite: a limit below one lists nothing instead.
-    rows = await query(_LISTING.format(status=where), (before, *types, flow, flow, max(limit, 0)))
+    params = (before, as_of, *types, as_of, flow, flow, max(limit, 0))
+    rows = await query(_LISTING.format(status=where), params)
     return [_summary(*row) for row in rows]
 
 

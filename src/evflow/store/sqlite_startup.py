@@ -3,15 +3,11 @@ running, and the timers still pending."""
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 from ..events import SETTLING
 from ..timers import Timer
-
-Query = Callable[..., Awaitable[list[sqlite3.Row]]]
-"""Runs one read (SQL and parameters) and returns its rows."""
+from .rows import Query
 
 _SETTLING_TYPES = tuple(cls.__name__ for cls in SETTLING)
 
