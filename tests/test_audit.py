@@ -8,9 +8,11 @@ commands run as real ``evflow`` processes.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import sqlite3
+import sys
 from collections.abc import AsyncIterator
 from contextlib import closing
 from datetime import UTC, datetime
@@ -34,7 +36,7 @@ from evflow.events import (
 from evflow.state import fold
 from evflow.store import migrations
 from evflow.store.sqlite import SqliteStore
-from processes import Result, evflow, sqlite_url
+from processes import BOUND, Result, evflow, sqlite_url
 
 HISTORIES = Path(__file__).parent / "histories"
 SCHEMAS = Path(__file__).parent.parent / "schemas"
@@ -115,7 +117,7 @@ async def test_an_event_edited_with_sqlite3_is_found(log: Path):
     assert result.returncode == 1, result
     assert f"BROKEN execution {ann} at version 1" in result.stdout
     assert "the event was changed after it was written" in result.stdout
-    assert "1 broken of 6 events in 2 executions" in result.stdout
+    assert "broken: 1 execution of 6 events in 2 executions checked" in result.stdout
 
 
 async def test_a_deleted_event_is_found_as_a_missing_version(log: Path):
@@ -383,7 +385,7 @@ async def test_import_refuses_a_broken_export_whole(log: Path, tmp_path: Path):
     assert result.returncode == 2, result
     assert f"execution {execution_of(log, 'bob')} breaks at version 1" in result.stderr
     assert "nothing was imported" in result.stderr
-    assert rows(copy) == []
+    assert not copy.exists()
 
 
 # logs written before the chain, and events stored in an older shape
@@ -519,11 +521,97 @@ async def test_a_log_of_a_newer_evflow_is_refused_unchanged(log: Path):
 
 
 async def test_a_file_that_is_not_a_log_is_refused_without_hanging(tmp_path: Path):
-    """Import into a file SQLite cannot open exits 2, naming it, and the process ends."""
+    """Opening a file SQLite cannot read fails with a StoreError naming it, and the process
+    ends (a connection left open kept it alive); import exits 2."""
     garbage, export = tmp_path / "garbage.db", tmp_path / "empty.jsonl"
     garbage.write_bytes(b"not a database, not at all" * 100)
     export.write_text("")
+    opening = (
+        "import asyncio, sys; from evflow.store.sqlite import SqliteStore\n"
+        "try: asyncio.run(SqliteStore(sys.argv[1]).open())\n"
+        "except Exception as error: print(error)"
+    )
 
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", opening, str(garbage), stdout=asyncio.subprocess.PIPE
+    )
+    printed, _ = await asyncio.wait_for(process.communicate(), BOUND)
     result = await evflow("import", "--store", sqlite_url(garbage), str(export))
 
-    assert result.returncode == 2 and "cannot open the SQLite log" in result.stderr, result
+    assert b"cannot open the SQLite log" in printed and process.returncode == 0, printed
+    assert result.returncode == 2 and "file is not a database" in result.stderr, result
+
+
+async def test_a_kept_digest_shows_a_latest_event_cut_off(log: Path):
+    """Deleting an execution's latest event leaves every chain whole; the digest kept from
+    before, passed as --digest, shows the change: exit 1."""
+    kept = verdict(await evflow("verify", "--store", sqlite_url(log), "--json"))["digest"]
+    same = await evflow("verify", "--store", sqlite_url(log), "--digest", kept)
+    ann = execution_of(log, "ann")
+    execute(log, "DELETE FROM events WHERE execution_id = ? AND version = 4", ann)
+
+    cut = await evflow("verify", "--store", sqlite_url(log), "--digest", kept)
+
+    assert same.returncode == 0, same
+    assert cut.returncode == 1 and "intact" in cut.stdout, cut
+    assert f"the digest is not the expected {kept}" in cut.stderr
+
+
+async def test_an_increment_appended_to_its_export_verifies_and_imports(log: Path, tmp_path: Path):
+    """An export --since the last one, appended to it, is one whole export; alone it lacks
+    the start of its chains."""
+    whole, copy = tmp_path / "audit.jsonl", tmp_path / "copy.db"
+    first = await evflow("export", "--store", sqlite_url(log), "-o", str(whole))
+    last = first.stderr.split("--since ")[-1].strip()
+    store = SqliteStore(log)
+    await store.open()
+    try:
+        await Engine(app, store).invoke("approval", b'{"amount": 7, "requester": "lu"}')
+    finally:
+        await store.close()
+    increment = tmp_path / "increment.jsonl"
+    await evflow("export", "--store", sqlite_url(log), "--since", last, "-o", str(increment))
+    with whole.open("a") as out:
+        out.write(increment.read_text())
+
+    checked = await evflow("verify", "--file", str(whole), "--json")
+    imported = await evflow("import", "--store", sqlite_url(copy), str(whole))
+
+    assert verdict(checked)["events"] == 8 and checked.returncode == 0, checked
+    assert imported.returncode == 0 and rows(copy) == rows(log), imported
+
+
+async def test_export_refuses_a_since_past_the_end_and_an_unwritable_file(
+    log: Path, tmp_path: Path
+):
+    """Positions the log has not reached would be skipped later: exit 2; so does a file
+    that cannot be written."""
+    past = await evflow("export", "--store", sqlite_url(log), "--since", "1000")
+    nowhere = await evflow("export", "--store", sqlite_url(log), "-o", str(tmp_path / "no/x"))
+
+    assert past.returncode == 2 and "the log ends at position 6" in past.stderr, past
+    assert nowhere.returncode == 2 and "cannot write the export" in nowhere.stderr, nowhere
+
+
+async def test_a_refused_import_leaves_no_log_behind(log: Path, tmp_path: Path):
+    """A broken export is refused before the log is touched: no file is created."""
+    export, copy = tmp_path / "log.jsonl", tmp_path / "copy.db"
+    await evflow("export", "--store", sqlite_url(log), "-o", str(export))
+    export.write_text(export.read_text().replace('"bob"', '"eve"'))
+
+    result = await evflow("import", "--store", sqlite_url(copy), str(export))
+
+    assert result.returncode == 2, result
+    assert not copy.exists()
+
+
+async def test_a_file_in_the_wrong_order_is_found(log: Path, tmp_path: Path):
+    """Lines of two executions swapped keep each chain whole, but positions go back."""
+    copy = tmp_path / "log.jsonl"
+    await evflow("export", "--store", sqlite_url(log), "-o", str(copy))
+    lines = copy.read_text().splitlines(keepends=True)
+    copy.write_text("".join(lines[:3] + [lines[4], lines[3]] + lines[5:]))
+
+    result = await evflow("verify", "--file", str(copy))
+
+    assert result.returncode == 1 and "records were reordered" in result.stdout, result

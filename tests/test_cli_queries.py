@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from evflow.nats_server import NatsServer
-from processes import APP, READY, Child, Result, Spawn, evflow, sqlite_url
+from processes import APP, READY, Child, Result, Spawn, cli_env, evflow, sqlite_url
 
 
 @pytest.fixture
@@ -88,6 +88,12 @@ async def test_ls_lists_executions_newest_change_first_as_a_table_and_json_lines
     ]
     assert parsed[1]["flow"] == "purchase" and parsed[1]["flow_version"] == 1
     assert [row[0] for row in table_rows(approvals)] == [paused]
+    narrow = await evflow("ls", "--nats", url, env=cli_env(COLUMNS="80"))
+    assert [done, purchase, paused] == [
+        line.split("│")[1].strip()
+        for line in narrow.lines
+        if line.startswith("│ ") and line.split("│")[1].strip()
+    ][:3], narrow.stdout  # whole IDs in an 80-column terminal, so they can be copied
 
 
 async def test_ls_with_a_limit_says_how_to_see_the_rest(

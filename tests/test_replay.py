@@ -490,6 +490,7 @@ async def test_cli_unknown_flow_fails(recorded: Recorded, tmp_path: Path):
     [
         (("--execution", "nope"), ("no execution nope in the log",)),
         (("--execution", "x", "--flow", "order"), ("--execution or --flow, not both",)),
+        (("--flow", "ordr"), ("the app registers no flow 'ordr'", "order v1")),
     ],
 )
 async def test_cli_refusals_exit_2(recorded: Recorded, tmp_path: Path, args, words):

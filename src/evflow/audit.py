@@ -46,6 +46,13 @@ async def export(store: EventStore, out: IO[bytes], since: int = 0) -> tuple[int
     Returns how many events were written and the position of the last one (``since`` when
     none), from which a later export goes on.
     """
+    end = await store.last_position()
+    if since > end:
+        raise StoreError(
+            f"the log ends at position {end}, before --since {since}: an export from there "
+            f"would skip events; give a position from 0 to {end}"
+        )
+
     count, last = 0, since
     async for record in records_of(store, since):
         _check_json(record)
@@ -124,26 +131,26 @@ def content_problem(record: Record) -> str | None:
     return None
 
 
-async def import_export(store: EventStore, path: Path) -> int:
-    """Load an export into an empty log, refusing it whole if any chain is broken.
-
-    Every event must also decode as an event this evflow knows (upcast if old), so the
-    copy is one an engine or a replay check can read. Returns how many events were loaded.
-    """
+async def require_empty(store: EventStore) -> None:
+    """Refuse a log that holds events: an import goes into a new file."""
     if not await store.is_empty():
         raise StoreError(
             "the log to import into already holds events; import into a new file, for "
             "example --store sqlite:///copy.db"
         )
 
-    records = _checked(path)
+
+async def import_records(store: EventStore, records: list[Record], source: Path) -> int:
+    """Load records that ``checked_export`` read into an empty log, in one transaction."""
+    await require_empty(store)
     await store.import_records(records)
-    logger.info("imported %d events from %s", len(records), path)
+    logger.info("imported %d events from %s", len(records), source)
     return len(records)
 
 
-def _checked(path: Path) -> list[Record]:
-    """The records of an export, once their chains, order and events are found sound."""
+def checked_export(path: Path) -> list[Record]:
+    """The records of an export, once their chains, order and events are found sound; the
+    whole file is refused, naming the first break, if any is not."""
     verifier, records, last = Verifier(content_problem), [], 0
     for record in read_export(path):
         if record.position <= last:

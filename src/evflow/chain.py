@@ -142,13 +142,18 @@ class Verifier:
     def __init__(self, inspect: Inspect | None = None) -> None:
         self._heads: dict[str, _Head] = {}
         self._inspect = inspect
+        self._position = 0
         self.verdict = Verdict()
 
     def check(self, record: Record) -> Break | None:
         """Check one record; return the break it shows, if it is its execution's first."""
         self.verdict.events += 1
         head = self._heads.get(record.execution_id)
-        problem = _problem(record, head)
+        problem = self._out_of_order(record)
+        try:
+            problem = problem or _problem(record, head)
+        except TypeError as error:  # a column edited to hold another type
+            problem = f"its stored fields hold values of the wrong type ({error})"
         if problem is None and self._inspect is not None:
             problem = self._inspect(record)
         if head is None:
@@ -162,6 +167,16 @@ class Verifier:
         found = Break(record.execution_id, record.version, record.position, problem)
         self.verdict.breaks.append(found)
         return found
+
+    def _out_of_order(self, record: Record) -> str | None:
+        """Records come in log order: a position that does not rise was moved or copied."""
+        previous, self._position = self._position, max(self._position, record.position)
+        if record.position > previous:
+            return None
+        return (
+            f"its log position {record.position} comes after position {previous}: records "
+            "were reordered or duplicated, or positions changed"
+        )
 
     def finish(self) -> Verdict:
         """The verdict, with the digest of every execution's head."""

@@ -21,6 +21,7 @@ from collections import OrderedDict
 
 from nats.aio.client import Client as NATS
 
+from .errors import StoreError
 from .events import ExecutionStarted, StoredEvent
 from .messages import Notification, encoder, notification, slim
 from .store import EventStore
@@ -117,7 +118,9 @@ class Outbox:
             except Exception as error:
                 failures += 1
                 delay = min(0.1 * 2**failures, 5.0)
-                logger.warning(
+                damaged = isinstance(error, StoreError)  # retrying will not mend the log
+                logger.log(
+                    logging.ERROR if damaged else logging.WARNING,
                     "publishing notifications after log position %d failed (%s); retrying "
                     "in %.1f s",
                     self.position,

@@ -19,7 +19,8 @@ Each execution gets a ``Verdict``:
   results and answers, so a new one means the code's logic changed under the execution.
 - ``unknown_flow``: the app registers no flow of that name, or not the version the
   execution started on; the execution cannot be checked, and counts as a failure (a
-  deployment of that app could not drive it on). ``--flow`` leaves retired flows out.
+  deployment of that app could not drive it on). ``--flow`` checks one flow at a time, so a
+retired flow's executions can be left out.
 - ``error``: the flow code raised an exception the history does not record (where the
   history records more operations or another end), or did not reach its next operation
   in time; counts as a failure.
@@ -136,8 +137,8 @@ def _flow_for(app: App, started: StoredEvent) -> FlowDef:
         known = ", ".join(sorted(app.flows)) or "none"
         raise UnknownFlow(
             f"execution {execution_id} belongs to flow '{event.flow}', which the app does "
-            f"not register (it registers: {known}); replay with the app that does, or leave "
-            "the flow out with --flow",
+            f"not register (it registers: {known}); replay with the app that does, or check "
+            "only the flows it serves, one --flow F at a time",
             execution_id=execution_id,
         )
     if event.flow_version not in versions:

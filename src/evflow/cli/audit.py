@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -18,7 +19,7 @@ import msgspec
 from .. import audit
 from ..chain import Verdict
 from ..errors import EvflowError
-from ..store import EventStore, open_store
+from ..store import EventStore, open_store, store_path
 from . import err, main, out, store_option
 
 FAILED = 2
@@ -34,12 +35,25 @@ FAILED = 2
     help="Verify this export instead of the log.",
 )
 @click.option("--execution", "execution_id", help="Verify only this execution's chain.")
+@click.option(
+    "--digest",
+    "expected",
+    metavar="HEX",
+    help="The digest a verify printed before: exit 1 if the log or file now gives another.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
-def verify(store: str, export_file: Path | None, execution_id: str | None, as_json: bool) -> None:
+def verify(
+    store: str,
+    export_file: Path | None,
+    execution_id: str | None,
+    expected: str | None,
+    as_json: bool,
+) -> None:
     """Check that no stored event was changed, removed or inserted.
 
     Walks every execution's hash chain, in the log or in a file written by `evflow export`,
-    and reports each execution's first broken link. Exits 1 if any chain is broken.
+    and reports each execution's first broken link. Exits 1 if any chain is broken, or if
+    the digest differs from --digest.
     """
     if export_file is not None:
         verdict = _guarded(lambda: audit.verify_export(export_file, execution_id))
@@ -50,14 +64,17 @@ def verify(store: str, export_file: Path | None, execution_id: str | None, as_js
         sys.exit(FAILED)
 
     _print_verdict(verdict, as_json)
-    sys.exit(0 if verdict.intact else 1)
+    changed = expected is not None and expected != verdict.digest
+    if changed:
+        err.print(f"[red]the digest is not the expected {expected}[/]: the history changed")
+    sys.exit(0 if verdict.intact and not changed else 1)
 
 
 @main.command()
 @store_option
 @click.option(
     "--since",
-    type=click.IntRange(min=0),
+    type=click.IntRange(min=0, max=2**63 - 1),
     default=0,
     show_default=True,
     help="Only events after this log position (the last one a previous export wrote).",
@@ -65,14 +82,22 @@ def verify(store: str, export_file: Path | None, execution_id: str | None, as_js
 @click.option(
     "--output",
     "-o",
-    type=click.File("wb"),
+    type=click.Path(path_type=Path, dir_okay=False, allow_dash=True),
     default="-",
     help="Write to this file instead of stdout.",
 )
-def export(store: str, since: int, output: BinaryIO) -> None:
-    """Write the log's events in log order as JSON lines, exactly as stored, hashes included."""
-    count, last = _on_store(store, lambda s: audit.export(s, output, since))
-    output.flush()
+def export(store: str, since: int, output: Path) -> None:
+    """Write the log's events in log order as JSON lines, exactly as stored, hashes included.
+
+    An export taken with --since continues the one before it: append it to that file to
+    verify or import them as one (`evflow export --since N >> audit.jsonl`).
+    """
+    try:
+        with _opened(output) as sink:
+            count, last = _on_store(store, lambda s: audit.export(s, sink, since))
+    except OSError as error:
+        err.print(f"[red]error[/] cannot write the export to {output}: {error.strerror}")
+        sys.exit(FAILED)
     err.print(
         f"exported {count} events, positions {since + 1 if count else since} to {last}; "
         f"the next export can start with --since {last}",
@@ -86,11 +111,28 @@ def export(store: str, since: int, output: BinaryIO) -> None:
 def import_(store: str, export_file: Path) -> None:
     """Load EXPORT_FILE, written by `evflow export`, into an empty log.
 
-    The file's chains are verified first; a broken one imports nothing. Events keep their
-    positions and hashes, so `evflow verify` on the copy checks the original's chains.
+    The file's chains are verified first; a broken one imports nothing and leaves the log
+    as it was. Events keep their positions and hashes, so `evflow verify` on the copy checks
+    the original's chains.
     """
-    count = _on_store(store, lambda s: audit.import_export(s, export_file), read_only=False)
+    records = _guarded(lambda: audit.checked_export(export_file))
+    if _guarded(lambda: store_path(store)).exists():
+        _on_store(store, audit.require_empty)  # read-only: a refused log is left untouched
+    count = _on_store(
+        store, lambda s: audit.import_records(s, records, export_file), read_only=False
+    )
     err.print(f"imported {count} events into {store}", highlight=False)
+
+
+@contextmanager
+def _opened(output: Path) -> Iterator[BinaryIO]:
+    """The file to write an export to; stdout for ``-``."""
+    if str(output) == "-":
+        yield sys.stdout.buffer
+        sys.stdout.buffer.flush()
+        return
+    with output.open("wb") as sink:
+        yield sink
 
 
 def _print_verdict(verdict: Verdict, as_json: bool) -> None:
@@ -105,11 +147,12 @@ def _print_verdict(verdict: Verdict, as_json: bool) -> None:
             f"(position {broken.position}): {broken.problem}",
             highlight=False,
         )
-    summary = f"{verdict.events} events in {verdict.executions} executions"
+    checked = f"{_count(verdict.events, 'event')} in {_count(verdict.executions, 'execution')}"
     if verdict.intact:
-        out.print(f"[green]intact[/]: {summary}, every chain holds", highlight=False)
+        out.print(f"[green]intact[/]: {checked}, every chain holds", highlight=False)
     else:
-        out.print(f"[red]{len(verdict.breaks)} broken[/] of {summary}", highlight=False)
+        broken = _count(len(verdict.breaks), "execution")
+        out.print(f"[red]broken[/]: {broken} of {checked} checked", highlight=False)
     out.print(f"digest {verdict.digest}", highlight=False)
 
 
@@ -135,3 +178,7 @@ def _guarded(work: Callable[[], Any]) -> Any:
     except EvflowError as error:
         err.print(f"[red]error[/] {error.code}: {error.message}", highlight=False)
         sys.exit(FAILED)
+
+
+def _count(number: int, thing: str) -> str:
+    return f"{number} {thing}" + ("" if number == 1 else "s")

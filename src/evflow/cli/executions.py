@@ -186,8 +186,10 @@ def list_executions(
             click.echo(msgspec.json.encode(row))
     elif page.executions:
         table = Table()
-        for column in ("execution", "flow", "version", "status", "last change"):
-            table.add_column(column, no_wrap=True)
+        widest = max(len(row.execution_id) for row in page.executions)
+        table.add_column("execution", no_wrap=True, min_width=widest)  # whole, to copy
+        for column in ("flow", "version", "status", "last change"):
+            table.add_column(column, overflow="fold")
         for row in page.executions:
             at = row.updated_at.isoformat(timespec="milliseconds")
             table.add_row(row.execution_id, row.flow, str(row.version), row.status.value, at)

@@ -20,7 +20,7 @@ from ..flow import App
 from ..replay import Summary, Verdict, execution_ids, quoted, replay_log
 from ..store import open_store, store_path
 from . import err, main, out, store_option
-from .serve import _load_app
+from .serve import load_app
 
 LABELS = {
     "ok": ("ok", "green"),
@@ -48,7 +48,13 @@ def replay(
     """
     if execution_id is not None and flow is not None:
         raise click.UsageError("give --execution or --flow, not both")
-    app = _load_app(app_spec)
+    app = load_app(app_spec)
+    if flow is not None and not app.versions(flow):
+        raise click.BadParameter(
+            f"the app registers no flow '{flow}' (it registers: {app.summary() or 'none'}); "
+            "give one of its flows",
+            param_hint="--flow",
+        )
     try:
         store_path(store)
     except EvflowError as error:

@@ -9,7 +9,7 @@ import click
 
 from .. import schemas as generator
 from . import err, main, out
-from .serve import _load_app as load_app  # the same MODULE:ATTR loading as serve
+from .serve import load_app  # the same MODULE:ATTR loading as serve
 
 
 @main.command()

@@ -119,7 +119,7 @@ def serve(
 ) -> None:
     """Serve the flows of an App until SIGINT or SIGTERM."""
     _configure_logging(log_level)
-    app = _load_app(app_spec)
+    app = load_app(app_spec)
     _check_urls(store, nats_url)
     streams = StreamSettings(
         events_max_age=events_max_age,
@@ -223,7 +223,8 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
-def _load_app(spec: str) -> App:
+def load_app(spec: str) -> App:
+    """The App that ``--app MODULE:ATTR`` names, imported from the current folder first."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise click.BadParameter(
@@ -232,8 +233,10 @@ def _load_app(spec: str) -> App:
     sys.path.insert(0, str(Path.cwd()))
     try:
         app = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as error:
-        raise click.BadParameter(f"cannot load '{spec}': {error}", param_hint="--app") from None
+    except Exception as error:  # importing runs the module: any error of its own may arise
+        raise click.BadParameter(
+            f"cannot load '{spec}': {type(error).__name__}: {error}", param_hint="--app"
+        ) from None
     if not isinstance(app, App):
         raise click.BadParameter(
             f"'{spec}' is a {type(app).__name__}, not an evflow App", param_hint="--app"

@@ -383,7 +383,10 @@ class SqliteStore:
         WAL, missing appends committed since (a timer's firing, say). One call per read
         ends each read transaction before the next begins.
         """
-        return list(await self._reader().execute_fetchall(sql, params))
+        try:
+            return list(await self._reader().execute_fetchall(sql, params))
+        except sqlite3.Error as error:
+            raise StoreError(f"reading the SQLite log at {self.path} failed: {error}") from error
 
     async def _select(self, sql: str, params: tuple[object, ...]) -> list[StoredEvent]:
         return [stored_event(*row) for row in await self._query(sql, params)]
