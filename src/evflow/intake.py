@@ -30,6 +30,7 @@ from .engine import Engine
 from .errors import (
     ConcurrencyError,
     EvflowError,
+    FlowVersionGone,
     InternalError,
     StoreError,
     Unavailable,
@@ -41,8 +42,11 @@ from .timers import Clock, SystemClock
 
 logger = logging.getLogger(__name__)
 
-TRANSIENT = (ConcurrencyError, StoreError, Unavailable)
-"""Refusals that may not happen again: the command is delivered again later."""
+TRANSIENT = (ConcurrencyError, StoreError, Unavailable, FlowVersionGone)
+"""Refusals that may not happen again: the command is delivered again later. A command for
+an execution whose flow version this engine does not serve waits, as a Temporal task waits
+for a compatible worker, until an engine that serves it (this one after a redeploy, or
+another in the queue group) takes it."""
 
 FETCH_WAIT = 0.5
 """Seconds one pull waits for commands: how long a stop may wait for the pull under way."""
