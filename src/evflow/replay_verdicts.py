@@ -46,10 +46,15 @@ class Summary(msgspec.Struct):
     """How many executions got each outcome."""
 
     executions: int = 0
+    """How many executions were replayed."""
     ok: int = 0
+    """Those that replayed as recorded."""
     diverged: int = 0
+    """Those whose code issued another operation, or ended otherwise, than recorded."""
     unknown_flow: int = 0
+    """Those of a flow or version the app does not register."""
     error: int = 0
+    """Those that could not be replayed: a damaged history, or code that raised."""
 
     def add(self, verdict: Verdict) -> None:
         """Count one more verdict."""

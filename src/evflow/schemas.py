@@ -294,11 +294,37 @@ def _mark_date_time(prop: dict[str, Any]) -> None:
             branch["format"] = "date-time"
 
 
+_ERROR_DETAILS: dict[str, tuple[dict[str, Any], str]] = {
+    "execution_id": ({"type": "string"}, "The execution concerned."),
+    "field": ({"type": ["string", "null"]}, "The field or header at fault (invalid_input)."),
+    "valid": ({"type": "array"}, "The values the field takes (invalid_input, for a choice)."),
+    "flow": ({"type": "string"}, "The flow name (unknown_flow, flow_version_gone)."),
+    "status": (
+        {"enum": [status.value for status in Status]},
+        "The execution's status when refused (409 codes).",
+    ),
+    "version": ({"type": "integer"}, "The execution's version when refused (409 codes)."),
+    "sequence": ({"type": "integer"}, "The operation where replay diverged (nondeterminism)."),
+    "recorded": ({"type": "string"}, "What the history records there (nondeterminism)."),
+    "issued": ({"type": "string"}, "What the flow code issued instead (nondeterminism)."),
+    "flow_version": (
+        {"type": "integer"},
+        "The flow version the execution started on (flow_version_gone).",
+    ),
+    "registered": (
+        {"type": "array", "items": {"type": "integer"}},
+        "The versions of the flow this engine serves (flow_version_gone).",
+    ),
+}
+"""The fields an error body may carry besides its code and message."""
+
+
 def _error_object() -> dict[str, Any]:
     """The ``error`` of an error reply or a rejection, from the error classes."""
     codes = sorted(cls.code for cls in WIRE_ERRORS)
     conflicts = sorted(cls.code for cls in WIRE_ERRORS if issubclass(cls, Conflict))
     table = ", ".join(f"{cls.code} ({cls.status})" for cls in WIRE_ERRORS)
+    details = {name: {**kind, "description": text} for name, (kind, text) in _ERROR_DETAILS.items()}
     return {
         "title": "Error",
         "description": f"Why a command or query was refused. Codes and statuses: {table}.",
@@ -309,41 +335,7 @@ def _error_object() -> dict[str, Any]:
                 "type": "string",
                 "description": "What went wrong, naming the execution or field, and the fix.",
             },
-            "execution_id": {"type": "string", "description": "The execution concerned."},
-            "field": {
-                "type": ["string", "null"],
-                "description": "The field or header at fault (invalid_input).",
-            },
-            "flow": {"type": "string", "description": "The flow name (unknown_flow)."},
-            "status": {
-                "enum": [status.value for status in Status],
-                "description": "The execution's status when refused (409 codes).",
-            },
-            "version": {
-                "type": "integer",
-                "description": "The execution's version when refused (409 codes).",
-            },
-            "sequence": {
-                "type": "integer",
-                "description": "The operation where replay diverged (nondeterminism).",
-            },
-            "recorded": {
-                "type": "string",
-                "description": "The operation the history records there (nondeterminism).",
-            },
-            "issued": {
-                "type": "string",
-                "description": "The operation the flow code issued instead (nondeterminism).",
-            },
-            "flow_version": {
-                "type": "integer",
-                "description": "The flow version the execution started on (flow_version_gone).",
-            },
-            "registered": {
-                "type": "array",
-                "items": {"type": "integer"},
-                "description": "The versions of the flow this engine serves (flow_version_gone).",
-            },
+            **details,
         },
         "required": ["code", "message"],
         "if": {"properties": {"code": {"enum": conflicts}}, "required": ["code"]},

@@ -19,7 +19,7 @@ import msgspec
 from .. import audit
 from ..chain import Verdict
 from ..errors import EvflowError
-from ..store import EventStore, open_store, store_path
+from ..store import MAX_POSITION, EventStore, open_store, store_path
 from . import err, main, out, store_option
 
 FAILED = 2
@@ -74,7 +74,7 @@ def verify(
 @store_option
 @click.option(
     "--since",
-    type=click.IntRange(min=0, max=2**63 - 1),
+    type=click.IntRange(min=0, max=MAX_POSITION),
     default=0,
     show_default=True,
     help="Only events after this log position (the last one a previous export wrote).",

@@ -42,6 +42,10 @@ class ExecutionSummary(msgspec.Struct, frozen=True):
     """Position of its latest event in the whole log: where a listing page ends."""
 
 
+MAX_POSITION = 2**63 - 1
+"""The highest log position or version a store can hold (SQLite's largest integer)."""
+
+
 class EventStore(Protocol):
     """What the engine asks of a log backend."""
 
@@ -209,6 +213,7 @@ async def open_store(url: str, *, read_only: bool = False) -> EventStore:
 
 
 __all__ = [
+    "MAX_POSITION",
     "EventStore",
     "ExecutionSummary",
     "cancel_scope",

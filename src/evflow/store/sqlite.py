@@ -28,7 +28,7 @@ from ..errors import ConcurrencyError, DuplicateCommand, StoreError
 from ..events import StoredEvent
 from ..state import Status
 from ..timers import Timer
-from . import ExecutionSummary, check_append, sqlite_listing, sqlite_startup
+from . import MAX_POSITION, ExecutionSummary, check_append, sqlite_listing, sqlite_startup
 from .migrations import check_readable, migrate
 from .rows import chained_row, record, stored_event
 
@@ -273,7 +273,7 @@ class SqliteStore:
 
     async def read(self, execution_id: str, to_version: int | None = None) -> list[StoredEvent]:
         """One execution's events in version order, up to ``to_version`` if given."""
-        limit = min(to_version, 2**63 - 1) if to_version is not None else -1  # SQLite's max
+        limit = min(to_version, MAX_POSITION) if to_version is not None else -1
         return await self._select(
             f"SELECT {_COLUMNS} FROM events WHERE execution_id = ? ORDER BY version LIMIT ?",
             (execution_id, limit),

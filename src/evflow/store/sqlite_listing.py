@@ -23,7 +23,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from ..state import Status, event_types_of, status_after
-from . import ExecutionSummary
+from . import MAX_POSITION, ExecutionSummary
 from .rows import Query
 
 _LISTING = (
@@ -38,7 +38,7 @@ _LISTING = (
     " ORDER BY e.position DESC LIMIT ?"
 )
 
-_END = 2**63 - 1
+_END = MAX_POSITION
 """A position past every event: where the first page starts."""
 
 
