@@ -16,48 +16,36 @@ import asyncio
 import logging
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import aiosqlite
-from msgspec.structs import replace
 
 from ..chain import Record
-from ..errors import ConcurrencyError, DuplicateCommand, StoreError
+from ..errors import StoreError
 from ..events import StoredEvent
 from ..state import Status
 from ..timers import Timer
-from . import MAX_POSITION, ExecutionSummary, check_append, sqlite_listing, sqlite_startup
+from . import (
+    MAX_POSITION,
+    ExecutionSummary,
+    check_append,
+    sqlite_listing,
+    sqlite_startup,
+    sqlite_writer,
+)
 from .migrations import check_readable, migrate
-from .rows import chained_row, record, stored_event
+from .rows import record, stored_event
+from .sqlite_writer import Append, Checkpoint
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 _COLUMNS = "position, execution_id, version, type, schema_version, at, data, prev_hash, hash"
-
-
-class _Append:
-    """One append waiting for the writer."""
-
-    __slots__ = ("execution_id", "expected_version", "events", "done")
-
-    def __init__(self, execution_id: str, expected_version: int, events: Sequence[StoredEvent]):
-        self.execution_id = execution_id
-        self.expected_version = expected_version
-        self.events = events
-        self.done: asyncio.Future[list[StoredEvent]] = asyncio.get_running_loop().create_future()
-
-
-class _Checkpoint:
-    """One checkpoint move waiting for the writer; it rides in the next append batch."""
-
-    __slots__ = ("name", "position", "done")
-
-    def __init__(self, name: str, position: int):
-        self.name = name
-        self.position = position
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
 
 class SqliteStore:
@@ -78,9 +66,10 @@ class SqliteStore:
         self.path = Path(path)
         self.synchronous = synchronous
         self.read_only = read_only
-        self._writer_db: aiosqlite.Connection | None = None
+        self._writer_db: sqlite3.Connection | None = None
+        self._writer_thread: ThreadPoolExecutor | None = None
         self._reader_db: aiosqlite.Connection | None = None
-        self._queue: asyncio.Queue[_Append | _Checkpoint] = asyncio.Queue()
+        self._queue: asyncio.Queue[Append | Checkpoint] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
@@ -90,9 +79,12 @@ class SqliteStore:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._writer_db = await self._connect()
-            await migrate(self._writer_db, self.path)
             self._reader_db = await self._connect()
+            await migrate(self._reader_db, self.path)
+            self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="evflow-sqlite-writer")
+            self._writer_db = await self._on_writer(
+                sqlite_writer.connect, self.path, self.synchronous
+            )
         except BaseException as error:
             await self.close()  # else a connection's thread keeps the process alive
             if isinstance(error, sqlite3.Error):
@@ -134,6 +126,11 @@ class SqliteStore:
             raise
         return db
 
+    async def _on_writer(self, work: Callable[..., T], *args: Any) -> T:
+        """``work(*args)`` run on the writer's thread, where its connection lives."""
+        assert self._writer_thread is not None
+        return await asyncio.get_running_loop().run_in_executor(self._writer_thread, work, *args)
+
     async def close(self) -> None:
         """Let queued appends finish, then close both connections."""
         if self._writer is not None:
@@ -141,10 +138,15 @@ class SqliteStore:
             self._writer.cancel()
             await asyncio.gather(self._writer, return_exceptions=True)
             self._writer = None
-        for db in (self._writer_db, self._reader_db):
-            if db is not None:
-                await db.close()
-        self._writer_db = self._reader_db = None
+        if self._writer_db is not None:
+            await self._on_writer(self._writer_db.close)
+            self._writer_db = None
+        if self._reader_db is not None:
+            await self._reader_db.close()
+            self._reader_db = None
+        if self._writer_thread is not None:
+            self._writer_thread.shutdown()
+            self._writer_thread = None
 
     async def append(
         self, execution_id: str, expected_version: int, events: Sequence[StoredEvent]
@@ -152,14 +154,14 @@ class SqliteStore:
         """Durably append ``events`` after ``expected_version``; see ``EventStore``."""
         self._check_open("appending")
         check_append(execution_id, expected_version, events)
-        request = _Append(execution_id, expected_version, events)
+        request = Append(execution_id, expected_version, events)
         await self._queue.put(request)
         return await request.done
 
     async def save_checkpoint(self, name: str, position: int) -> None:
         """Durably move checkpoint ``name`` forward to ``position``; see ``EventStore``."""
         self._check_open("saving a checkpoint")
-        request = _Checkpoint(name, position)
+        request = Checkpoint(name, position)
         await self._queue.put(request)
         await request.done
 
@@ -193,83 +195,17 @@ class SqliteStore:
                 for _ in batch:
                     self._queue.task_done()
 
-    async def _commit(self, batch: list[_Append | _Checkpoint]) -> None:
-        db = self._writer_db
-        assert db is not None
-        outcomes: list[list[StoredEvent] | Exception | None] = []
-
-        # Each append in its own savepoint, so one clash leaves the others in the batch.
-        await db.execute("BEGIN IMMEDIATE")
-        try:
-            for request in batch:
-                if isinstance(request, _Checkpoint):
-                    outcomes.append(await self._move_checkpoint(db, request))
-                    continue
-                await db.execute("SAVEPOINT one_append")
-                try:
-                    outcomes.append(await self._insert(db, request))
-                    await db.execute("RELEASE one_append")
-                except (ConcurrencyError, DuplicateCommand) as refused:
-                    await db.execute("ROLLBACK TO one_append")
-                    await db.execute("RELEASE one_append")
-                    outcomes.append(refused)
-            await db.execute("COMMIT")
-        except BaseException:
-            await db.execute("ROLLBACK")
-            raise
+    async def _commit(self, batch: list[Append | Checkpoint]) -> None:
+        assert self._writer_db is not None
+        outcomes = await self._on_writer(sqlite_writer.commit, self._writer_db, batch)
 
         # Only now, with the transaction durable, does anyone hear about it.
         for request, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, Exception):
                 request.done.set_exception(outcome)
             else:
-                request.done.set_result(outcome)
+                request.done.set_result(outcome)  # type: ignore[arg-type]
         logger.debug("committed %d appends in one transaction", len(batch))
-
-    async def _move_checkpoint(self, db: aiosqlite.Connection, request: _Checkpoint) -> None:
-        """Move a checkpoint forward; it never moves back, whoever writes it."""
-        await db.execute(
-            "INSERT INTO checkpoints (name, position) VALUES (?, ?) ON CONFLICT (name)"
-            " DO UPDATE SET position = max(position, excluded.position)",
-            (request.name, request.position),
-        )
-
-    async def _insert(self, db: aiosqlite.Connection, request: _Append) -> list[StoredEvent]:
-        execution_id = request.execution_id
-        async with db.execute(
-            "SELECT version, hash FROM events WHERE execution_id = ? ORDER BY version DESC LIMIT 1",
-            (execution_id,),
-        ) as cursor:
-            current, prev_hash = await cursor.fetchone() or (0, None)
-        if current != request.expected_version:
-            raise ConcurrencyError(
-                f"execution {execution_id} is at version {current}, not "
-                f"{request.expected_version}: another writer appended first; re-read it",
-                execution_id=execution_id,
-                version=current,
-            )
-
-        stored = []
-        for item in request.events:
-            stored.append(await self._insert_one(db, item, prev_hash))
-            prev_hash = stored[-1].hash
-        return stored
-
-    async def _insert_one(
-        self, db: aiosqlite.Connection, item: StoredEvent, prev_hash: str | None
-    ) -> StoredEvent:
-        row = chained_row(item, prev_hash)
-        try:
-            cursor = await db.execute(
-                "INSERT INTO events (execution_id, version, type, schema_version, at, data,"
-                " prev_hash, hash, idempotency_scope) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                row,
-            )
-        except sqlite3.IntegrityError as error:
-            raise _refusal(item, row[-1], error) from error
-        position = cursor.lastrowid or 0
-        await cursor.close()
-        return replace(item, position=position, prev_hash=prev_hash, hash=row[-2])
 
     async def read(self, execution_id: str, to_version: int | None = None) -> list[StoredEvent]:
         """One execution's events in version order, up to ``to_version`` if given."""
@@ -318,34 +254,20 @@ class SqliteStore:
         """Write ``records`` as they are, positions, hashes and scopes kept, into an empty
         log; see ``EventStore``."""
         self._check_open("importing")
-        db = self._writer_db
-        assert db is not None
         rows = [
             (r.position, r.execution_id, r.version, r.type, r.schema_version, r.at,
              bytes(r.data).decode(), r.prev_hash, r.hash, r.scope)
             for r in records
         ]  # fmt: skip
-        await db.execute("BEGIN IMMEDIATE")
+        columns = f"{_COLUMNS}, idempotency_scope"
         try:
-            async with db.execute("SELECT 1 FROM events LIMIT 1") as cursor:
-                if await cursor.fetchone() is not None:
-                    raise StoreError(
-                        f"the SQLite log at {self.path} already holds events; import into a "
-                        "new file, for example --store sqlite:///copy.db"
-                    )
-            await db.executemany(
-                f"INSERT INTO events ({_COLUMNS}, idempotency_scope)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
-            await db.execute("COMMIT")
-        except BaseException as error:
-            await db.execute("ROLLBACK")
-            if isinstance(error, sqlite3.Error):
-                raise StoreError(
-                    f"importing into the SQLite log at {self.path} failed: {error}"
-                ) from error
-            raise
+            await self._on_writer(sqlite_writer.import_rows, self._writer_db, columns, rows)
+        except sqlite3.Error as error:
+            raise StoreError(
+                f"importing into the SQLite log at {self.path} failed: {error}"
+            ) from error
+        except StoreError as error:
+            raise StoreError(f"the SQLite log at {self.path}: {error.message}") from error
 
     async def is_empty(self) -> bool:
         """True when the log holds no event."""
@@ -390,17 +312,3 @@ class SqliteStore:
 
     async def _select(self, sql: str, params: tuple[object, ...]) -> list[StoredEvent]:
         return [stored_event(*row) for row in await self._query(sql, params)]
-
-
-def _refusal(item: StoredEvent, scope: str | None, error: sqlite3.IntegrityError) -> Exception:
-    """What a refused insert means: a claimed idempotency scope, or a version taken."""
-    if scope is not None and "idempotency" in str(error):
-        return DuplicateCommand(
-            f"idempotency scope {scope} was already claimed",
-            execution_id=item.execution_id,
-            scope=scope,
-        )
-    return ConcurrencyError(
-        f"execution {item.execution_id} already has version {item.version}; re-read it",
-        execution_id=item.execution_id,
-    )
