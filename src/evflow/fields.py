@@ -7,6 +7,8 @@ error that names the field and says what was expected, before anything is append
 
 from __future__ import annotations
 
+import copy
+import functools
 import inspect
 import re
 from collections.abc import Callable
@@ -45,11 +47,23 @@ def from_outputs(name: str, outputs: dict[str, Any] | type[msgspec.Struct]) -> t
             return outputs
         return msgspec.defstruct(outputs.__name__, [], bases=(outputs,), forbid_unknown_fields=True)
     if isinstance(outputs, dict):
-        return _struct(f"{name}_outputs", list(outputs.items()))
+        try:
+            return _outputs_struct(f"{name}_outputs", tuple(outputs.items()))
+        except TypeError as unhashable:  # a type that cannot key the cache: build it afresh
+            if "unhashable" not in str(unhashable):
+                raise
+            return _struct(f"{name}_outputs", list(outputs.items()))
     raise TypeError(
         f"pause '{name}': outputs must be a dict of field name to type or a msgspec Struct "
         f"type, not {type(outputs).__name__}"
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def _outputs_struct(name: str, fields: tuple[tuple[Any, ...], ...]) -> type[msgspec.Struct]:
+    """The body type of a pause's outputs, built once per distinct pause: a flow pauses with
+    the same outputs every time, and building the type and its schema is not cheap."""
+    return _struct(name, list(fields))
 
 
 def _struct(name: str, fields: list[tuple[Any, ...]]) -> type[msgspec.Struct]:
@@ -110,6 +124,11 @@ def _explain(text: str) -> str:
 
 def describe(kind: type[msgspec.Struct]) -> dict[str, str]:
     """Field name to a readable type name, as shown in pause replies and errors."""
+    return dict(_described(kind))
+
+
+@functools.lru_cache(maxsize=1024)
+def _described(kind: type[msgspec.Struct]) -> dict[str, str]:
     info = msgspec.inspect.type_info(kind)
     assert isinstance(info, msgspec.inspect.StructType)
     return {f.encode_name: _type_name(f.type) for f in info.fields}
@@ -134,6 +153,11 @@ def _type_name(info: msgspec.inspect.Type) -> str:
 
 def schema(kind: type[msgspec.Struct]) -> dict[str, Any]:
     """JSON Schema of a body type, with the body itself at the top rather than behind a $ref."""
+    return copy.deepcopy(_schema(kind))
+
+
+@functools.lru_cache(maxsize=1024)
+def _schema(kind: type[msgspec.Struct]) -> dict[str, Any]:
     full = msgspec.json.schema(kind)
     defs = full.get("$defs", {})
     ref = full.get("$ref", "")
