@@ -22,6 +22,7 @@ from evflow.events import ExecutionStarted, StoredEvent
 from evflow.nats_server import NatsServer
 from evflow.server import Server
 from evflow.store import invoke_scope
+from evflow.streams import StreamSettings
 from versioned_flows import app_both, make_app
 from wire import APPROVAL, YES
 
@@ -254,11 +255,13 @@ async def test_a_command_for_a_version_no_engine_serves_waits_for_one_that_does(
     """A durable resume of a version-1 execution, taken by an engine serving only version 2,
     is neither run on the wrong code nor rejected: it waits in the stream, and the engine
     that serves version 1 again runs it."""
-    async with Server(make_app(1), store_url, nats_server.url):
+    # A delivery taken just as an engine stops comes back after the ack wait: keep it short.
+    streams = StreamSettings(command_ack_wait=2.0)
+    async with Server(make_app(1), store_url, nats_server.url, streams=streams):
         client = await Client.connect(nats_server.url)
         paused = await client.invoke("approval", {"amount": 5})
         await client.close()
-    async with Server(make_app(2), store_url, nats_server.url) as new:
+    async with Server(make_app(2), store_url, nats_server.url, streams=streams) as new:
         subject = f"evflow.cmd.flo.approval.resume.{paused.execution_id}"
         await publish(nc, subject, {"approved": True})
         await asyncio.sleep(1.5)  # several deliveries, each refused and retried
@@ -267,7 +270,7 @@ async def test_a_command_for_a_version_no_engine_serves_waits_for_one_that_does(
         assert [type(e.event).__name__ for e in history][-1] == "ExecutionPaused"
         assert not await drained(nc)
 
-    async with Server(app_both, store_url, nats_server.url) as both:
+    async with Server(app_both, store_url, nats_server.url, streams=streams) as both:
         await until(lambda: drained(nc), "the waiting command to run")
         assert both.store is not None
         history = await both.store.read(paused.execution_id)
