@@ -215,7 +215,8 @@ async def test_a_hash_is_recomputed_from_the_readme_recipe_with_the_standard_lib
     store = SqliteStore(path)
     await store.open()
     try:
-        await Engine(app, store).invoke("approval", '{"amount": 1e16, "requester": "zoë"}'.encode())
+        body = '{"amount": 1e16, "requester": "zoë"}'.encode()
+        await Engine(app, store).invoke("approval", body)
     finally:
         await store.close()
 

@@ -226,8 +226,9 @@ async def test_another_result_diverges_at_the_end(recorded: Recorded, no_calls: 
 
     outcome, sequence, was, now = where(verdicts["shipped"])
     assert (outcome, sequence) == ("diverged", 5)
-    assert was.startswith('completed {"status":"shipped","shipment":"s-chair"')  # type: ignore[union-attr]
-    assert now.startswith('completed {"status":"sent","shipment":"s-chair"')  # type: ignore[union-attr]
+    assert was is not None and now is not None
+    assert was.startswith('completed {"status":"shipped","shipment":"s-chair"')
+    assert now.startswith('completed {"status":"sent","shipment":"s-chair"')
     assert verdicts["expired"].outcome == "ok"
     assert verdicts["waiting"].outcome == "ok"
     assert verdicts["running"].outcome == "ok"

@@ -330,8 +330,8 @@ def _same_end(recorded: Event, issued: Event) -> bool:
     """Whether two ends agree: the same kind, and results equal as JSON (keys in any order)."""
     if type(recorded) is not type(issued):
         return False
-    if isinstance(recorded, ExecutionCompleted):
-        return _canonical(recorded.result) == _canonical(issued.result)  # type: ignore[attr-defined]
+    if isinstance(recorded, ExecutionCompleted) and isinstance(issued, ExecutionCompleted):
+        return _canonical(recorded.result) == _canonical(issued.result)
     return recorded == issued
 
 
