@@ -45,7 +45,7 @@ from evflow.store.sqlite import SqliteStore
 
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
 
-MakeEngine = Callable[[App], Awaitable[Engine]]
+MakeEngine = Callable[..., Awaitable[Engine]]
 
 
 class Ticker:
@@ -59,18 +59,22 @@ class Ticker:
         return self.current
 
 
-@pytest.fixture
-async def make_engine(tmp_path: Path) -> AsyncIterator[MakeEngine]:
-    """Builds an Engine for an App on the test's SQLite file; a new one acts as a restart."""
+@pytest.fixture(params=[0, 16], ids=["cold", "hot"])
+async def make_engine(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[MakeEngine]:
+    """Builds an Engine for an App on the test's SQLite file; a new one acts as a restart.
+
+    Each test runs twice: with no hot executions (every resume replays from the log) and
+    with some (a resume answers the flow waiting in memory).
+    """
     stores: list[SqliteStore] = []
 
-    async def make(app: App) -> Engine:
+    async def make(app: App, hot_executions: int = request.param) -> Engine:
         for old in stores:  # one process at a time on the file, as after a restart
             await old.close()
         store = SqliteStore(tmp_path / "evflow.db")
         await store.open()
         stores.append(store)
-        return Engine(app, store, clock=Ticker())
+        return Engine(app, store, clock=Ticker(), hot_executions=hot_executions)
 
     yield make
     for store in stores:
@@ -105,7 +109,7 @@ def ordering_app(calls: list[str], fn: Callable[[str], Any] | None = None) -> Ap
 
 
 async def test_step_runs_once_across_resume(make_engine: MakeEngine):
-    """A step runs live once; resuming replays it from the log without calling it."""
+    """A step runs live once; resuming (cold: replaying it from the log) does not call it."""
     calls: list[str] = []
     engine = await make_engine(ordering_app(calls))
 
@@ -202,7 +206,9 @@ def failing_app(calls: list[int], seen: list[tuple[str, str, str]], fn: Callable
 
 
 async def test_failing_step_raises_step_error_live_and_on_replay(make_engine: MakeEngine):
-    """A step that raises gives the flow a StepError; replay raises the same, without a run."""
+    """A step that raises gives the flow a StepError; replay raises the same, without a run.
+
+    No execution is kept hot, so the resume replays the flow from its start."""
     calls: list[int] = []
     seen: list[tuple[str, str, str]] = []
 
@@ -210,7 +216,7 @@ async def test_failing_step_raises_step_error_live_and_on_replay(make_engine: Ma
         calls.append(1)
         raise ValueError("no stock left")
 
-    engine = await make_engine(failing_app(calls, seen, out_of_stock))
+    engine = await make_engine(failing_app(calls, seen, out_of_stock), hot_executions=0)
     paused = await engine.invoke("fragile", b"")
     done = await engine.resume("fragile", paused.execution_id, body(ok=True))
 
@@ -319,7 +325,7 @@ async def test_now_is_the_same_instant_live_and_on_replay(make_engine: MakeEngin
         await ctx.pause(outputs={"ok": bool})
         return {"before": before.isoformat(), "after": ctx.now().isoformat()}
 
-    engine = await make_engine(app)
+    engine = await make_engine(app, hot_executions=0)  # the resume replays
     paused = await engine.invoke("timed", b"")
     done = await engine.resume("timed", paused.execution_id, body(ok=True))
 
@@ -343,7 +349,7 @@ async def test_now_after_a_step_is_the_step_time(make_engine: MakeEngine):
         await ctx.pause(outputs={})
         return ctx.now().isoformat()
 
-    engine = await make_engine(app)
+    engine = await make_engine(app, hot_executions=0)  # the resume replays
     paused = await engine.invoke("stamped", b"")
     await engine.resume("stamped", paused.execution_id, b"")
 

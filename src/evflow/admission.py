@@ -79,6 +79,19 @@ def check_resumable(state: ExecutionState, pause: int | None) -> None:
         )
 
 
+def resumable(state: ExecutionState, flow_name: str, pause: int | None, clock: Clock) -> bool:
+    """Whether a resume of ``flow_name`` naming ``pause`` (if it does) may answer the pause
+    the execution waits at now: the quick yes of a hot execution, with no reasons."""
+    waiting = state.pause
+    return (
+        state.flow == flow_name
+        and state.status is Status.PAUSED
+        and waiting is not None
+        and pause in (None, waiting.sequence)
+        and not past_deadline(state, clock)
+    )
+
+
 def _expired(state: ExecutionState, pause: int | None) -> bool:
     if pause is not None:
         return pause in state.expired

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 
 from . import admission, fields
-from .errors import ConcurrencyError, UnknownFlow
+from .errors import ConcurrencyError, EvflowError, UnknownFlow
 from .events import SETTLING, Event, ExecutionResumed, StoredEvent
 from .flow import App, FlowDef
-from .runtime import Runner, Suspended
+from .hot import DEFAULT_CAPACITY, Hot, HotExecutions
+from .runtime import Outcome, Runner, Suspended
 from .state import ExecutionState, Status, fold
 from .store import EventStore
 from .timers import Clock
@@ -38,12 +39,22 @@ class Driver:
         store: the log.
         clock: the source of event timestamps.
         appended: called after every durable append (notifications, timers).
+        hot_capacity: how many executions at a pause to keep hot (``hot``).
     """
 
-    def __init__(self, app: App, store: EventStore, clock: Clock, appended: Appended):
+    def __init__(
+        self,
+        app: App,
+        store: EventStore,
+        clock: Clock,
+        appended: Appended,
+        hot_capacity: int = DEFAULT_CAPACITY,
+    ):
         self.app = app
         self.store = store
         self.clock = clock
+        self.hot = HotExecutions(hot_capacity)
+        """Executions at a pause with their flow code waiting there, for fast resumes."""
         self._appended = appended
         self._locks: dict[str, asyncio.Lock] = {}
         self._holders: dict[str, int] = {}
@@ -55,33 +66,32 @@ class Driver:
         state: ExecutionState,
         body: bytes,
         idempotency_key: str | None,
+        hot: Hot | None = None,
     ) -> ExecutionState:
         """Answer the pause ``state`` waits at with ``body`` and run on to a settle point.
 
-        The flow code is replayed to the pause first: the code there declares the type the
-        body must have. Hold the execution's lock (``exclusive``).
+        The flow code waits at the pause: in ``hot``, or replayed there first. The code
+        there declares the type the body must have. Hold the execution's lock.
         """
         assert state.pause is not None
-        runner = self._runner(flow, state.execution_id, history, [])
+        runner = hot.runner if hot else self._runner(flow, state.execution_id, history, [])
         try:
-            # Replay to the pending pause: the code there declares the resume body's type.
-            outcome = await runner.start()
-            if not isinstance(outcome, Suspended) or outcome.sequence != state.pause.sequence:
-                raise admission.diverged(state, outcome)
-            what = f"resume of execution {state.execution_id} (pause '{outcome.name}')"
-            answer = fields.decode(body, outcome.kind, what, state.execution_id)
-
-            # Record the answer and run on to the next settle point.
-            resumed = ExecutionResumed(
-                outcome.sequence, fields.to_builtins(answer), idempotency_key
-            )
-            await runner.answer(resumed)
-            await runner.flush()
-        except ConcurrencyError:
-            return await self._applied_anyway(runner)
-        finally:
+            waiting = hot.outcome if hot else await runner.start()
+            if not isinstance(waiting, Suspended) or waiting.sequence != state.pause.sequence:
+                raise admission.diverged(state, waiting)
+        except BaseException:
             await runner.close()
-        return settled(history + runner.stored)
+            raise
+
+        try:
+            what = f"resume of execution {state.execution_id} (pause '{waiting.name}')"
+            answer = fields.decode(body, waiting.kind, what, state.execution_id)
+        except EvflowError:
+            self.hot.keep(Hot(runner, waiting, history, state))  # still waiting: keep it hot
+            raise
+
+        resumed = ExecutionResumed(waiting.sequence, fields.to_builtins(answer), idempotency_key)
+        return await self._drive(runner, history, runner.answer(resumed))
 
     async def run(
         self, flow: FlowDef, execution_id: str, history: list[StoredEvent], new: list[Event]
@@ -89,14 +99,32 @@ class Driver:
         """Run an execution from its history (plus ``new`` events) to a settle point; hold
         the execution's lock."""
         runner = self._runner(flow, execution_id, history, new)
+        return await self._drive(runner, history, runner.start())
+
+    async def _drive(
+        self, runner: Runner, history: list[StoredEvent], run: Awaitable[Outcome]
+    ) -> ExecutionState:
+        """Run flow code to its next settle point and append what it decided.
+
+        Settled at a pause, the execution stays hot; otherwise its runner is closed.
+        """
         try:
-            await runner.start()
+            outcome = await run
             await runner.flush()
         except ConcurrencyError:
-            return await self._applied_anyway(runner)
-        finally:
             await runner.close()
-        return settled(history + runner.stored)
+            return await self._applied_anyway(runner)
+        except BaseException:
+            await runner.close()
+            raise
+
+        history = history + runner.stored
+        state = settled(history)
+        if isinstance(outcome, Suspended) and state.status is Status.PAUSED:
+            self.hot.keep(Hot(runner, outcome, history, state))
+        else:
+            await runner.close()
+        return state
 
     async def _applied_anyway(self, runner: Runner) -> ExecutionState:
         """After a version clash: if the command's first events had landed, it was applied.
@@ -181,6 +209,8 @@ class Driver:
         if not events:
             await self._confirm(execution_id, expected)
             return []
+
+        self.hot.drop(execution_id)  # a hot execution's own appends happen while it is taken
         stored = await self.store.append(execution_id, expected, events)
         logger.debug(
             "appended %s to execution %s",

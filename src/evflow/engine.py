@@ -32,6 +32,7 @@ from .events import (
     TimerFired,
 )
 from .flow import App
+from .hot import DEFAULT_CAPACITY
 from .state import ExecutionState, Status, fold
 from .store import EventStore, ExecutionSummary, cancel_scope, invoke_scope, resume_scope
 from .timers import Clock, Scheduler, SystemClock, Timer, pending_timer
@@ -50,6 +51,8 @@ class Engine:
         store: the log.
         clock: the source of event timestamps.
         notify: called after every durable append, to publish notifications.
+        hot_executions: how many executions at a pause to keep in memory with their flow
+            code waiting there, so that resuming them reads and replays nothing.
     """
 
     def __init__(
@@ -58,12 +61,13 @@ class Engine:
         store: EventStore,
         clock: Clock | None = None,
         notify: Notify | None = None,
+        hot_executions: int = DEFAULT_CAPACITY,
     ):
         self.app = app
         self.store = store
         self.clock = clock or SystemClock()
         self._notify = notify or (lambda flow, events: None)
-        self._driver = Driver(app, store, self.clock, self._appended)
+        self._driver = Driver(app, store, self.clock, self._appended, hot_executions)
         self.timers = Scheduler(self.clock, self.fire)
         """Every pending timer of the log; fires them once ``start`` has been called."""
 
@@ -75,8 +79,10 @@ class Engine:
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Stop firing timers; a firing still under way after ``timeout`` s is dropped (its
-        timer fires again on the next start, or its execution is driven on then)."""
+        timer fires again on the next start, or its execution is driven on then); then
+        let go of the hot executions."""
         await self.timers.stop(timeout)
+        self._driver.hot.clear()
 
     async def invoke(
         self, flow_name: str, body: bytes, idempotency_key: str | None = None
@@ -121,15 +127,10 @@ class Engine:
         # progress: a resume sent while the flow runs is refused, never queued to answer a
         # pause its sender has not seen.
         try:
-            history = await self.store.read(execution_id)
-            state = admission.of_flow(fold(history), flow_name, execution_id)
-            admission.check_resumable(state, pause)
-            assert state.pause is not None
-            pause = state.pause.sequence
-
+            arrival = await self._arrival_pause(flow_name, execution_id, pause)
             async with self._driver.exclusive(execution_id):
                 return await self._resume_held(
-                    flow_name, execution_id, body, idempotency_key, pause
+                    flow_name, execution_id, body, idempotency_key, arrival, pause
                 )
         except (Conflict, DuplicateCommand):
             # A twin with the same key may have answered the pause first: its outcome is ours.
@@ -138,10 +139,47 @@ class Engine:
                 raise
             return repeat
 
+    async def _arrival_pause(self, flow_name: str, execution_id: str, pause: int | None) -> int:
+        """The pause a resume answers, judged by the state the execution is in now.
+
+        A hot execution's state serves when it allows the resume; a refusal is always
+        judged from the log, which a hot state may lag (another engine on the log).
+        """
+        state = self._driver.hot.state(execution_id)
+        if state is None or not admission.resumable(state, flow_name, pause, self.clock):
+            state = admission.of_flow(await self._read(execution_id), flow_name, execution_id)
+            admission.check_resumable(state, pause)
+
+        assert state.pause is not None
+        return state.pause.sequence
+
     async def _resume_held(
-        self, flow_name: str, execution_id: str, body: bytes, key: str | None, pause: int
+        self,
+        flow_name: str,
+        execution_id: str,
+        body: bytes,
+        key: str | None,
+        pause: int,
+        asked: int | None,
     ) -> ExecutionState:
-        """``resume`` with the execution's lock held: judge again, then answer the pause."""
+        """``resume`` with the execution's lock held: judge again, then answer the pause.
+
+        ``pause`` is the pause judged at arrival, ``asked`` the one the caller named. A hot
+        execution is answered at once. If the log's version check finds that another
+        engine overtook it, the hot copy was stale, and so may the judgement at arrival
+        have been: the resume is judged again from the log, by what the caller asked.
+        """
+        hot = self._driver.hot.take(execution_id)
+        if hot is not None and admission.resumable(hot.state, flow_name, pause, self.clock):
+            flow = self._driver.flow_for(hot.state)
+            try:
+                return await self._driver.answer(flow, hot.history, hot.state, body, key, hot)
+            except ConcurrencyError:
+                logger.debug("hot execution %s was overtaken; reading it again", execution_id)
+                pause = await self._arrival_pause(flow_name, execution_id, asked)
+        elif hot is not None:
+            self._driver.hot.keep(hot)  # still current; the log says why this resume is not
+
         history = await self.store.read(execution_id)
         state = admission.of_flow(fold(history), flow_name, execution_id)
         admission.check_resumable(state, pause)
@@ -154,6 +192,9 @@ class Engine:
             # Another writer was first (a deadline, another engine): say where it stands now.
             admission.check_resumable(settled(await self.store.read(execution_id)), pause)
             raise
+
+    async def _read(self, execution_id: str) -> ExecutionState | None:
+        return fold(await self.store.read(execution_id))
 
     async def _expire_held(self, state: ExecutionState) -> None:
         """Record the expiry of a pause whose deadline passed, drive the flow on, and refuse

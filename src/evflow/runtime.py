@@ -141,8 +141,13 @@ class Runner:
         return await self._settled()
 
     async def answer(self, event: ExecutionResumed) -> Outcome:
-        """Answer the pause the flow waits at, and run it to its next settle point."""
+        """Answer the pause the flow waits at, and run it to its next settle point.
+
+        ``stored`` starts afresh: it holds what this command appends, also when the runner
+        was kept waiting at the pause from an earlier command (a hot execution).
+        """
         assert self._answer is not None and not self._answer.done()
+        self.stored = []
         stored = self.record(event)
         self._signal = asyncio.get_running_loop().create_future()
         self._answer.set_result(stored)
@@ -157,11 +162,17 @@ class Runner:
         return await self._answer
 
     async def close(self) -> None:
-        """Drop the flow coroutine wherever it waits."""
+        """Drop the flow coroutine wherever it waits, and wait until it is gone."""
+        self.abandon()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def abandon(self) -> None:
+        """Drop the flow coroutine wherever it waits, without waiting: it unwinds on the
+        event loop's next turn, and can issue no operation meanwhile."""
         self._closed = True
         if self._task is not None and not self._task.done():
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
 
     async def _settled(self) -> Outcome:
         assert self._signal is not None
