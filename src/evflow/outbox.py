@@ -3,9 +3,10 @@
 The outbox keeps its place in the log as a checkpoint in the store. It reads the events
 after the checkpoint in global order, publishes them to JetStream (stream
 ``EVFLOW_EVENTS``) with ``Nats-Msg-Id: <execution_id>:<version>``, waits for the stream
-to acknowledge them, and only then moves the checkpoint. A crash between publishing and
-moving the checkpoint publishes those events again on restart, and the stream's duplicate
-window drops the copies.
+to acknowledge them, and only then moves the checkpoint. The checkpoint is saved at most
+once a second under load (each save is a durable write), when the outbox goes idle, and on
+stop. A crash publishes the events acknowledged since the last save again on restart, and
+the stream's duplicate window drops the copies.
 
 Known limit: an engine that stays down longer than the duplicate window (2 minutes by
 default) and restarts re-publishes the events of its last unfinished batch as new stream
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 
 from nats.aio.client import Client as NATS
@@ -47,6 +49,7 @@ class Outbox:
         poll: seconds between looks at the log when nothing woke the outbox; this is how
             appends by another engine on the same file are found.
         timeout: seconds to wait for the stream to acknowledge a batch.
+        checkpoint_every: seconds between checkpoint saves while there is more to publish.
     """
 
     CHECKPOINT = "outbox"
@@ -60,6 +63,7 @@ class Outbox:
         batch: int = 256,
         poll: float = 1.0,
         timeout: float = 5.0,
+        checkpoint_every: float = 1.0,
     ):
         self._store = store
         self._nc = nc
@@ -68,6 +72,8 @@ class Outbox:
         self._batch = batch
         self._poll = poll
         self._timeout = timeout
+        self._checkpoint_every = checkpoint_every
+        self._saved = (0, 0.0)  # the position last saved, and when
         self._flows: OrderedDict[str, str] = OrderedDict()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -80,6 +86,7 @@ class Outbox:
     async def start(self) -> None:
         """Load the checkpoint and start publishing from it."""
         self.position = await self._store.load_checkpoint(self.CHECKPOINT)
+        self._saved = (self.position, time.monotonic())
         self._task = asyncio.create_task(self._run(), name="evflow-outbox")
         logger.info("outbox publishing from log position %d", self.position)
 
@@ -113,8 +120,10 @@ class Outbox:
                 events = await self._store.read_all(self.position, self._batch)
                 if events:
                     await self._publish(events)
+                    await self._save_checkpoint(when_due=True)
                     failures = 0
                     continue
+                await self._save_checkpoint(when_due=False)  # idle: save now
             except Exception as error:
                 failures += 1
                 delay = min(0.1 * 2**failures, 5.0)
@@ -158,8 +167,16 @@ class Outbox:
 
         self.position = events[-1].position
         self.published += len(events)
-        await self._store.save_checkpoint(self.CHECKPOINT, self.position)
         logger.debug("published %d notifications up to position %d", len(events), self.position)
+
+    async def _save_checkpoint(self, when_due: bool) -> None:
+        """Save the position reached, if it moved (and, ``when_due``, if a save is due)."""
+        position, at = self._saved
+        now = time.monotonic()
+        if self.position == position or (when_due and now - at < self._checkpoint_every):
+            return
+        await self._store.save_checkpoint(self.CHECKPOINT, self.position)
+        self._saved = (self.position, now)
 
     def _payload(self, message: Notification) -> bytes:
         """The notification's JSON; without its event when that would not fit in a message.

@@ -38,6 +38,7 @@ from . import (
     sqlite_writer,
 )
 from .migrations import check_readable, migrate
+from .recent import RecentEvents
 from .rows import record, stored_event
 from .sqlite_writer import Append, Checkpoint
 
@@ -71,6 +72,7 @@ class SqliteStore:
         self._reader_db: aiosqlite.Connection | None = None
         self._queue: asyncio.Queue[Append | Checkpoint] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
+        self._recent: RecentEvents | None = None
 
     async def open(self) -> None:
         """Open both connections, migrate the schema and start the writer."""
@@ -90,6 +92,7 @@ class SqliteStore:
             if isinstance(error, sqlite3.Error):
                 raise StoreError(f"cannot open the SQLite log at {self.path}: {error}") from error
             raise
+        self._recent = RecentEvents(await self.last_position())
         self._writer = asyncio.create_task(self._write_loop(), name="evflow-sqlite-writer")
         logger.info("opened the SQLite log at %s", self.path)
 
@@ -197,7 +200,9 @@ class SqliteStore:
 
     async def _commit(self, batch: list[Append | Checkpoint]) -> None:
         assert self._writer_db is not None
-        outcomes = await self._on_writer(sqlite_writer.commit, self._writer_db, batch)
+        before, outcomes = await self._on_writer(sqlite_writer.commit, self._writer_db, batch)
+        assert self._recent is not None
+        self._recent.committed(before, [e for o in outcomes if isinstance(o, list) for e in o])
 
         # Only now, with the transaction durable, does anyone hear about it.
         for request, outcome in zip(batch, outcomes, strict=True):
@@ -216,7 +221,11 @@ class SqliteStore:
         )
 
     async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[StoredEvent]:
-        """Events of all executions in global order, after ``after_position``."""
+        """Events of all executions in global order, after ``after_position``; served from
+        memory when they are this process's latest commits (``recent``)."""
+        kept = self._recent.after(after_position, limit) if self._recent else None
+        if kept is not None:
+            return kept
         return await self._select(
             f"SELECT {_COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT ?",
             (after_position, limit),

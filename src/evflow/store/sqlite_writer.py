@@ -65,12 +65,19 @@ def connect(path: Path, synchronous: str) -> sqlite3.Connection:
     return db
 
 
-def commit(db: sqlite3.Connection, batch: Sequence[Append | Checkpoint]) -> list[Outcome]:
+def commit(
+    db: sqlite3.Connection, batch: Sequence[Append | Checkpoint]
+) -> tuple[int, list[Outcome]]:
     """Run a batch as one transaction, each append in its own savepoint so that one clash
-    or duplicate leaves the others in the batch; returns each request's outcome."""
+    or duplicate leaves the others in the batch.
+
+    Returns the log's last position before the batch, read inside the transaction (so no
+    other writer comes between it and the batch's rows), and each request's outcome.
+    """
     outcomes: list[Outcome] = []
     db.execute("BEGIN IMMEDIATE")
     try:
+        before = db.execute("SELECT coalesce(max(position), 0) FROM events").fetchone()[0]
         for request in batch:
             if isinstance(request, Append):
                 outcomes.append(_append(db, request))
@@ -81,7 +88,7 @@ def commit(db: sqlite3.Connection, batch: Sequence[Append | Checkpoint]) -> list
     except BaseException:
         db.execute("ROLLBACK")
         raise
-    return outcomes
+    return before, outcomes
 
 
 def _append(db: sqlite3.Connection, request: Append) -> Outcome:
