@@ -196,7 +196,8 @@ class InternalError(EvflowError):
 
 
 class Unavailable(EvflowError):
-    """NATS cannot be reached, or no engine answers on the subject in time."""
+    """NATS cannot be reached, no engine answers on the subject in time, or JetStream did
+    not store a message."""
 
     status = 503
     code = "unavailable"

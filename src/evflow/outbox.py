@@ -26,6 +26,7 @@ from nats.aio.client import Client as NATS
 from .errors import StoreError
 from .events import ExecutionStarted, StoredEvent
 from .messages import Notification, encoder, notification, slim
+from .publisher import StreamPublisher
 from .store import EventStore
 from .subjects import Subjects
 
@@ -67,7 +68,7 @@ class Outbox:
     ):
         self._store = store
         self._nc = nc
-        self._js = nc.jetstream()
+        self._publisher = StreamPublisher(nc)
         self._subjects = subjects
         self._batch = batch
         self._poll = poll
@@ -87,6 +88,7 @@ class Outbox:
         """Load the checkpoint and start publishing from it."""
         self.position = await self._store.load_checkpoint(self.CHECKPOINT)
         self._saved = (self.position, time.monotonic())
+        await self._publisher.start()
         self._task = asyncio.create_task(self._run(), name="evflow-outbox")
         logger.info("outbox publishing from log position %d", self.position)
 
@@ -112,6 +114,7 @@ class Outbox:
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
         self._task = None
+        await self._publisher.close()
 
     async def _run(self) -> None:
         failures = 0
@@ -160,10 +163,12 @@ class Outbox:
                 "Nats-Msg-Id": f"{stored.execution_id}:{stored.version}",
                 POSITION_HEADER: str(stored.position),
             }
-            acks.append(
-                await self._js.publish_async(subject, self._payload(message), headers=headers)
-            )
-        await asyncio.wait_for(asyncio.gather(*acks), self._timeout)
+            acks.append(await self._publisher.publish(subject, self._payload(message), headers))
+        try:
+            await asyncio.wait_for(asyncio.gather(*acks), self._timeout)
+        except BaseException:
+            self._publisher.forget()  # the whole batch is published again
+            raise
 
         self.position = events[-1].position
         self.published += len(events)
