@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from evflow.errors import StoreError
-from evflow.store import migrations, open_store
+from evflow.errors import ConcurrencyError, StoreError
+from evflow.store import migrations, open_store, sqlite_writer
 from evflow.store.sqlite import SqliteStore
+from evflow.store.sqlite_writer import Append
 
 from .contract import StoreContract, pause, start
 
@@ -180,3 +181,34 @@ def _tables(path: Path) -> set[str]:
         rows = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
     db.close()
     return {row[0] for row in rows}
+
+
+async def test_a_row_the_batch_checks_did_not_foresee_fails_its_append_alone(tmp_path: Path):
+    """The writer judges a batch's appends together and inserts them in one statement; if
+    the database still refuses a row, the batch is written again one append at a time, and
+    only the append at fault fails. (The store refuses such a stray event before the writer;
+    here the writer gets it directly.)"""
+    path = tmp_path / DB_NAME
+    store = SqliteStore(path)
+    await store.open()
+    await store.append("x", 0, [start("x")])
+    await store.close()
+    db = sqlite_writer.connect(path, "FULL")
+
+    try:
+        stray = Append("y", 0, [start("x")])  # x's version 1, which the log holds
+        batch = [Append("a", 0, [start("a")]), stray, Append("b", 0, [start("b")])]
+        before, outcomes = sqlite_writer.commit(db, batch)
+    finally:
+        db.close()
+
+    assert before == 1
+    assert isinstance(outcomes[1], ConcurrencyError)
+    store = SqliteStore(path, read_only=True)
+    await store.open()
+    try:
+        landed = [*outcomes[0], *outcomes[2]]  # type: ignore[misc]
+        assert await store.read_all(1, 10) == landed
+        assert [(s.execution_id, s.version) for s in landed] == [("a", 1), ("b", 1)]
+    finally:
+        await store.close()
