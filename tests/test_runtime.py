@@ -8,6 +8,8 @@ recovery of executions a crash left running, and idempotency keys across restart
 import asyncio
 import json
 import threading
+import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -40,6 +42,7 @@ from evflow.events import (
     StepCompleted,
     StepFailed,
     StoredEvent,
+    new_execution_id,
 )
 from evflow.store.sqlite import SqliteStore
 
@@ -1096,3 +1099,15 @@ async def test_repeated_resume_key_under_another_flow_is_unknown_execution(
 
     with pytest.raises(UnknownExecution):
         await engine.resume("ping", paused.execution_id, b"{}", "r")
+
+
+def test_execution_ids_are_uuid7_in_the_order_they_were_made():
+    """Time-ordered IDs keep the appends of new executions on the log index's last pages."""
+    ids = []
+    for _ in range(3):
+        ids.append(new_execution_id())
+        time.sleep(0.002)
+
+    assert ids == sorted(ids) and len(set(ids)) == 3
+    assert all(len(i) == 32 and uuid.UUID(i).version == 7 for i in ids)
+    assert all(uuid.UUID(i).variant == uuid.RFC_4122 for i in ids)

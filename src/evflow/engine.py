@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import Callable
 
 from . import admission, fields
@@ -30,6 +29,7 @@ from .events import (
     PauseExpired,
     StoredEvent,
     TimerFired,
+    new_execution_id,
 )
 from .flow import App
 from .hot import DEFAULT_CAPACITY
@@ -95,7 +95,7 @@ class Engine:
             if first is not None:
                 return await self._driver.outcome_of(first)
 
-        execution_id = uuid.uuid4().hex
+        execution_id = new_execution_id()
         started = ExecutionStarted(flow.name, inputs, flow.version, idempotency_key)
         try:
             async with self._driver.exclusive(execution_id):
