@@ -12,14 +12,11 @@ auditor's replay or export can read a log, served or not, with no way to change 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
 from urllib.parse import quote
 
 import aiosqlite
@@ -40,11 +37,11 @@ from . import (
 from .migrations import check_readable, migrate
 from .recent import RecentEvents
 from .rows import record, stored_event
-from .sqlite_writer import Append, Checkpoint
+from .sqlite_writer import Append, Checkpoint, Outcome
+from .writer_thread import WriterThread
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 _COLUMNS = "position, execution_id, version, type, schema_version, at, data, prev_hash, hash"
 
@@ -67,11 +64,8 @@ class SqliteStore:
         self.path = Path(path)
         self.synchronous = synchronous
         self.read_only = read_only
-        self._writer_db: sqlite3.Connection | None = None
-        self._writer_thread: ThreadPoolExecutor | None = None
         self._reader_db: aiosqlite.Connection | None = None
-        self._queue: asyncio.Queue[Append | Checkpoint] = asyncio.Queue()
-        self._writer: asyncio.Task[None] | None = None
+        self._writer: WriterThread | None = None
         self._recent: RecentEvents | None = None
 
     async def open(self) -> None:
@@ -83,17 +77,14 @@ class SqliteStore:
         try:
             self._reader_db = await self._connect()
             await migrate(self._reader_db, self.path)
-            self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="evflow-sqlite-writer")
-            self._writer_db = await self._on_writer(
-                sqlite_writer.connect, self.path, self.synchronous
-            )
+            self._recent = RecentEvents(await self.last_position())
+            self._writer = WriterThread(self.path, self.synchronous, self._committed)
+            await self._writer.start()
         except BaseException as error:
             await self.close()  # else a connection's thread keeps the process alive
             if isinstance(error, sqlite3.Error):
                 raise StoreError(f"cannot open the SQLite log at {self.path}: {error}") from error
             raise
-        self._recent = RecentEvents(await self.last_position())
-        self._writer = asyncio.create_task(self._write_loop(), name="evflow-sqlite-writer")
         logger.info("opened the SQLite log at %s", self.path)
 
     async def _open_read_only(self) -> None:
@@ -129,43 +120,30 @@ class SqliteStore:
             raise
         return db
 
-    async def _on_writer(self, work: Callable[..., T], *args: Any) -> T:
-        """``work(*args)`` run on the writer's thread, where its connection lives."""
-        assert self._writer_thread is not None
-        return await asyncio.get_running_loop().run_in_executor(self._writer_thread, work, *args)
-
     async def close(self) -> None:
         """Let queued appends finish, then close both connections."""
         if self._writer is not None:
-            await self._queue.join()
-            self._writer.cancel()
-            await asyncio.gather(self._writer, return_exceptions=True)
+            await self._writer.stop()
             self._writer = None
-        if self._writer_db is not None:
-            await self._on_writer(self._writer_db.close)
-            self._writer_db = None
         if self._reader_db is not None:
             await self._reader_db.close()
             self._reader_db = None
-        if self._writer_thread is not None:
-            self._writer_thread.shutdown()
-            self._writer_thread = None
 
     async def append(
         self, execution_id: str, expected_version: int, events: Sequence[StoredEvent]
     ) -> list[StoredEvent]:
         """Durably append ``events`` after ``expected_version``; see ``EventStore``."""
-        self._check_open("appending")
+        writer = self._writing("appending")
         check_append(execution_id, expected_version, events)
         request = Append(execution_id, expected_version, events)
-        await self._queue.put(request)
+        writer.submit(request)
         return await request.done
 
     async def save_checkpoint(self, name: str, position: int) -> None:
         """Durably move checkpoint ``name`` forward to ``position``; see ``EventStore``."""
-        self._check_open("saving a checkpoint")
+        writer = self._writing("saving a checkpoint")
         request = Checkpoint(name, position)
-        await self._queue.put(request)
+        writer.submit(request)
         await request.done
 
     async def load_checkpoint(self, name: str) -> int:
@@ -173,39 +151,27 @@ class SqliteStore:
         rows = await self._query("SELECT position FROM checkpoints WHERE name = ?", (name,))
         return rows[0][0] if rows else 0
 
-    def _check_open(self, doing: str) -> None:
+    def _writing(self, doing: str) -> WriterThread:
+        """The writer, for ``doing``; refused on a read-only or closed store."""
         if self.read_only:
             raise StoreError(
                 f"the SQLite log at {self.path} was opened read-only; {doing} is refused"
             )
         if self._writer is None:
             raise StoreError(f"the SQLite log at {self.path} is closed; open it before {doing}")
+        return self._writer
 
-    async def _write_loop(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
-            while not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            try:
-                await self._commit(batch)
-            except Exception as error:  # the whole transaction failed: fail every append
-                logger.exception("the SQLite log at %s failed to commit a batch", self.path)
-                failure = StoreError(f"appending to the SQLite log at {self.path} failed: {error}")
-                for request in batch:
-                    if not request.done.done():
-                        request.done.set_exception(failure)
-            finally:
-                for _ in batch:
-                    self._queue.task_done()
-
-    async def _commit(self, batch: list[Append | Checkpoint]) -> None:
-        assert self._writer_db is not None
-        before, outcomes = await self._on_writer(sqlite_writer.commit, self._writer_db, batch)
+    def _committed(
+        self, before: int, batch: list[Append | Checkpoint], outcomes: list[Outcome]
+    ) -> None:
+        """On the event loop, after a commit: keep its events for readers, then answer."""
         assert self._recent is not None
         self._recent.committed(before, [e for o in outcomes if isinstance(o, list) for e in o])
 
         # Only now, with the transaction durable, does anyone hear about it.
         for request, outcome in zip(batch, outcomes, strict=True):
+            if request.done.done():
+                continue
             if isinstance(outcome, Exception):
                 request.done.set_exception(outcome)
             else:
@@ -262,7 +228,7 @@ class SqliteStore:
     async def import_records(self, records: Sequence[Record]) -> None:
         """Write ``records`` as they are, positions, hashes and scopes kept, into an empty
         log; see ``EventStore``."""
-        self._check_open("importing")
+        writer = self._writing("importing")
         rows = [
             (r.position, r.execution_id, r.version, r.type, r.schema_version, r.at,
              bytes(r.data).decode(), r.prev_hash, r.hash, r.scope)
@@ -270,7 +236,7 @@ class SqliteStore:
         ]  # fmt: skip
         columns = f"{_COLUMNS}, idempotency_scope"
         try:
-            await self._on_writer(sqlite_writer.import_rows, self._writer_db, columns, rows)
+            await writer.call(sqlite_writer.import_rows, columns, rows)
         except sqlite3.Error as error:
             raise StoreError(
                 f"importing into the SQLite log at {self.path} failed: {error}"
