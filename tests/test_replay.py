@@ -180,6 +180,21 @@ async def test_the_recording_code_replays_every_history_ok(recorded: Recorded, n
     assert all(v.sequence is None and v.recorded is None for v in verdicts.values())
 
 
+async def test_replays_side_by_side_keep_the_order_of_the_log(recorded: Recorded):
+    """Executions replay a window at a time; the verdicts still come in log order, and a
+    window's size changes none of them."""
+    store = await open_store(recorded.url, read_only=True)
+    try:
+        executions = await execution_ids(store)
+        one_by_one = [v async for v in replay_log(build(), store, executions, window=1)]
+        in_threes = [v async for v in replay_log(build(), store, executions, window=3)]
+    finally:
+        await store.close()
+
+    assert [v.execution_id for v in in_threes] == executions
+    assert in_threes == one_by_one
+
+
 async def test_replay_reproduces_recorded_times_without_waiting(recorded: Recorded, no_calls: None):
     """The shipped result holds ctx.now() before the pause and after a two-hour wait; the
     replay returns it equal, in well under the wait, so it read the recorded times."""

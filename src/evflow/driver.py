@@ -212,12 +212,13 @@ class Driver:
 
         self.hot.drop(execution_id)  # a hot execution's own appends happen while it is taken
         stored = await self.store.append(execution_id, expected, events)
-        logger.debug(
-            "appended %s to execution %s",
-            ", ".join(type(s.event).__name__ for s in stored),
-            execution_id,
-            extra={"execution_id": execution_id, "flow": flow, "version": stored[-1].version},
-        )
+        if logger.isEnabledFor(logging.DEBUG):  # the names are joined only when shown
+            logger.debug(
+                "appended %s to execution %s",
+                ", ".join(type(s.event).__name__ for s in stored),
+                execution_id,
+                extra={"execution_id": execution_id, "flow": flow, "version": stored[-1].version},
+            )
         self._appended(flow, stored)
         return stored
 

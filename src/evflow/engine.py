@@ -147,7 +147,8 @@ class Engine:
         """
         state = self._driver.hot.state(execution_id)
         if state is None or not admission.resumable(state, flow_name, pause, self.clock):
-            state = admission.of_flow(await self._read(execution_id), flow_name, execution_id)
+            history = await self.store.read(execution_id)
+            state = admission.of_flow(fold(history), flow_name, execution_id)
             admission.check_resumable(state, pause)
 
         assert state.pause is not None
@@ -192,9 +193,6 @@ class Engine:
             # Another writer was first (a deadline, another engine): say where it stands now.
             admission.check_resumable(settled(await self.store.read(execution_id)), pause)
             raise
-
-    async def _read(self, execution_id: str) -> ExecutionState | None:
-        return fold(await self.store.read(execution_id))
 
     async def _expire_held(self, state: ExecutionState) -> None:
         """Record the expiry of a pause whose deadline passed, drive the flow on, and refuse

@@ -125,6 +125,19 @@ class StoreContract(abc.ABC):
 
         assert await store.read("missing") == []
 
+    async def test_read_many_gives_each_execution_in_version_order(self, store: EventStore):
+        """Several histories in one read; an execution the log lacks is left out."""
+        await store.append("a", 0, [start("a")])
+        await store.append("b", 0, [start("b"), pause("b", 2)])
+        await store.append("a", 1, [pause("a", 2), resume("a", 3)])
+
+        found = await store.read_many(["b", "nobody", "a", "b"])
+
+        assert sorted(found) == ["a", "b"]
+        assert found["a"] == await store.read("a") and found["b"] == await store.read("b")
+        assert [s.version for s in found["a"]] == [1, 2, 3]
+        assert await store.read_many([]) == {}
+
     async def test_read_all_follows_global_order_after_a_position(self, store: EventStore):
         """read_all interleaves executions in append order and starts after a position."""
         await store.append("a", 0, [start("a")])

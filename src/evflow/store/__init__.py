@@ -68,6 +68,10 @@ class EventStore(Protocol):
     async def read(self, execution_id: str, to_version: int | None = None) -> list[StoredEvent]:
         """One execution's events in version order, up to ``to_version`` if given."""
 
+    async def read_many(self, execution_ids: Sequence[str]) -> dict[str, list[StoredEvent]]:
+        """Several executions' events at once, each in version order; an execution the log
+        does not hold is left out. For readers of many histories (replay checks)."""
+
     async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[StoredEvent]:
         """Events of all executions in global order, after ``after_position``."""
 

@@ -186,6 +186,21 @@ class SqliteStore:
             (execution_id, limit),
         )
 
+    async def read_many(self, execution_ids: Sequence[str]) -> dict[str, list[StoredEvent]]:
+        """Several executions' events at once; see ``EventStore``."""
+        found: dict[str, list[StoredEvent]] = {}
+        ids = list(dict.fromkeys(execution_ids))
+        for start in range(0, len(ids), 500):  # within SQLite's limit of bound values
+            chunk = ids[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            for stored in await self._select(
+                f"SELECT {_COLUMNS} FROM events WHERE execution_id IN ({marks}) "
+                "ORDER BY execution_id, version",
+                tuple(chunk),
+            ):
+                found.setdefault(stored.execution_id, []).append(stored)
+        return found
+
     async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[StoredEvent]:
         """Events of all executions in global order, after ``after_position``; served from
         memory when they are this process's latest commits (``recent``)."""
