@@ -473,13 +473,14 @@ def _is_child_nats(proc: Path, parent: int) -> bool:
     [
         ("--store", "postgres://x/y", ["--store", "not supported", "sqlite:///PATH"]),
         ("--nats", "http://127.0.0.1:4222", ["--nats", "not a NATS URL", "nats://HOST:PORT"]),
+        ("--hot-executions", "-1", ["--hot-executions", "-1", "x>=0"]),
     ],
-    ids=["store", "nats"],
+    ids=["store", "nats", "hot-executions"],
 )
-async def test_serve_refuses_a_url_it_cannot_use_before_starting_anything(
+async def test_serve_refuses_a_value_it_cannot_use_before_starting_anything(
     spawn: Spawn, tmp_path: Path, flag: str, value: str, words: list[str]
 ) -> None:
-    """A bad --store or --nats is a usage error; no server is started, no folder made."""
+    """A bad --store, --nats or --hot-executions is a usage error; nothing is started."""
     serve = await spawn("serve", "--app", APP, flag, value)
     code = await asyncio.wait_for(serve.process.wait(), BOUND)
 

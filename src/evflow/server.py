@@ -15,6 +15,7 @@ from nats.aio.client import Client as NATS
 from .connection import connect
 from .engine import Engine
 from .flow import App
+from .hot import DEFAULT_CAPACITY
 from .intake import Intake
 from .outbox import Outbox
 from .service import EvflowService
@@ -38,6 +39,7 @@ class Server:
         streams: retention and redelivery settings of the JetStream streams.
         shutdown_timeout: seconds ``stop`` lets commands in flight finish, and then again
             the outbox publish what is left, before giving up on them.
+        hot_executions: executions at a pause the engine keeps in memory (``hot``).
     """
 
     def __init__(
@@ -49,11 +51,13 @@ class Server:
         clock: Clock | None = None,
         streams: StreamSettings | None = None,
         shutdown_timeout: float = 10.0,
+        hot_executions: int = DEFAULT_CAPACITY,
     ):
         self.app = app
         self.nats_url = nats_url
         self.subjects = subjects or Subjects()
         self.shutdown_timeout = shutdown_timeout
+        self.hot_executions = hot_executions
         self._store_spec = store
         self._clock = clock
         self._stream_settings = streams
@@ -76,7 +80,9 @@ class Server:
         # Notifications flow from the log from here on, recovered executions' included.
         self.outbox = Outbox(self.store, self.nc, self.subjects)
         await self.outbox.start()
-        self.engine = Engine(self.app, self.store, self._clock, self.outbox)
+        self.engine = Engine(
+            self.app, self.store, self._clock, self.outbox, hot_executions=self.hot_executions
+        )
         recovered = await self.engine.recover()
         logger.info("recovered %d interrupted executions", recovered)
         await self.engine.start()

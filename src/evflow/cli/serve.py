@@ -16,6 +16,7 @@ from rich.logging import RichHandler
 
 from ..errors import EvflowError
 from ..flow import App
+from ..hot import DEFAULT_CAPACITY
 from ..nats_server import NatsServer
 from ..server import Server
 from ..store import store_path
@@ -100,6 +101,16 @@ class Duration(click.ParamType):
     help="On SIGTERM, how long commands in flight may finish, and then notifications drain.",
 )
 @click.option(
+    "--hot-executions",
+    type=click.IntRange(min=0),
+    envvar="EVFLOW_HOT_EXECUTIONS",
+    show_envvar=True,
+    default=DEFAULT_CAPACITY,
+    show_default=True,
+    help="Executions at a pause kept in memory, flow code waiting, so a resume replays "
+    "nothing (about 4 KB each for a small flow; 0 keeps none).",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
     default="info",
@@ -115,6 +126,7 @@ def serve(
     duplicate_window: float,
     command_ack_wait: float,
     shutdown_timeout: float,
+    hot_executions: int,
     log_level: str,
 ) -> None:
     """Serve the flows of an App until SIGINT or SIGTERM."""
@@ -127,8 +139,13 @@ def serve(
         duplicate_window=duplicate_window,
         command_ack_wait=command_ack_wait,
     )
+    options = {
+        "streams": streams,
+        "shutdown_timeout": shutdown_timeout,
+        "hot_executions": hot_executions,
+    }
     try:
-        asyncio.run(_serve(app, nats_url, store, streams, shutdown_timeout))
+        asyncio.run(_serve(app, nats_url, store, options))
     except EvflowError as error:
         raise click.ClickException(error.message) from None
 
@@ -144,16 +161,14 @@ def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
-async def _serve(
-    app: App, nats_url: str | None, store: str, streams: StreamSettings, shutdown_timeout: float
-) -> None:
+async def _serve(app: App, nats_url: str | None, store: str, options: dict[str, Any]) -> None:
     stop = _stop_on_signals()
     embedded = None
     if nats_url is None:
         embedded = NatsServer(_store_folder(store) / "nats", port=4222)
         await embedded.start()
         nats_url = embedded.url
-    server = Server(app, store, nats_url, streams=streams, shutdown_timeout=shutdown_timeout)
+    server = Server(app, store, nats_url, **options)
     try:
         await server.start()
         _announce(app, server)
