@@ -7,8 +7,9 @@ Measures, each on a fresh SQLite log in a temporary folder:
   over the NATS contract, for a fixed time. Prints cycles per second, p50 and p99 of
   invoke-to-paused and resume-to-completed, events appended per second (from the log), and
   the engine's peak RSS. Client and engine share the machine, as users' load tests do.
-- **fold and replay**: stored histories folded into state, and replayed through the runtime
-  (``evflow.replay``), in events per second.
+- **fold and replay**: histories folded into state, and replayed through the runtime
+  (``evflow.replay``), in events per second; and replay of the start-up log, read from
+  SQLite a window at a time as ``evflow replay`` does.
 - **start-up**: ``evflow serve`` from spawn to "listening" with M executions paused in the
   log, and its RSS then.
 
