@@ -28,7 +28,14 @@ import pytest
 import replay_flows
 from evflow import App, Context, Engine, Status
 from evflow.events import StoredEvent, TimerFired
-from evflow.replay import Summary, Verdict, execution_ids, replay_execution, replay_log
+from evflow.replay import (
+    Summary,
+    Verdict,
+    execution_ids,
+    replay_execution,
+    replay_histories,
+    replay_log,
+)
 from evflow.state import ExecutionState
 from evflow.store import open_store
 from evflow.store.sqlite import SqliteStore
@@ -296,6 +303,25 @@ async def test_code_waiting_on_asyncio_is_an_error_after_the_timeout(
 
     assert verdict.outcome == "error"
     assert "did not reach its next operation within 0.2 s" in verdict.message
+
+
+async def test_a_window_that_times_out_is_replayed_again_one_at_a_time(
+    recorded: Recorded, no_calls: None
+):
+    """One timer bounds a window of replays; when it fires, each is replayed alone under its
+    own, and verdicts given in place of histories are kept where they stood."""
+    store = await open_store(recorded.url, read_only=True)
+    try:
+        history = await store.read(recorded.ids["paused"])
+    finally:
+        await store.close()
+    unreadable = Verdict("x", "", 0, "error", None, 0, "cannot be read")
+
+    verdicts = await replay_histories(build("dawdling"), [unreadable, history], timeout=0.2)
+
+    assert verdicts[0] is unreadable
+    assert verdicts[1].outcome == "error"
+    assert "did not reach its next operation within 0.2 s" in verdicts[1].message
 
 
 async def test_recorded_inputs_the_code_refuses_diverge(recorded: Recorded, no_calls: None):

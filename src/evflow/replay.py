@@ -32,6 +32,7 @@ code that does I/O outside steps (which breaks determinism anyway) does it here 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -107,18 +108,24 @@ async def replay_histories(
     app: App, histories: list[list[StoredEvent] | Verdict], timeout: float = REPLAY_TIMEOUT
 ) -> list[Verdict]:
     """Replay histories side by side (a verdict given in their place is kept); the verdicts
-    come in the order of the histories. Side by side, the event loop turns once for many
-    replays, not several times for each."""
-    return await asyncio.gather(
-        *(
-            replay_execution(app, history, timeout) if isinstance(history, list) else _kept(history)
-            for history in histories
-        )
-    )
+    come in the order of the histories.
+
+    Side by side, the event loop turns once for many replays, not several times for each,
+    and one timer bounds them all. If it fires (some flow code waits on something other
+    than its Context), each is replayed again alone under a timer of its own, so that only
+    the code that waits is reported.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            return await asyncio.gather(*(_replayed(app, history, None) for history in histories))
+    except TimeoutError:
+        return [await _replayed(app, history, timeout) for history in histories]
 
 
-async def _kept(verdict: Verdict) -> Verdict:
-    return verdict
+async def _replayed(
+    app: App, history: list[StoredEvent] | Verdict, timeout: float | None
+) -> Verdict:
+    return await replay_execution(app, history, timeout) if isinstance(history, list) else history
 
 
 async def _histories_of(
@@ -147,9 +154,10 @@ async def _history_of(store: EventStore, execution_id: str) -> list[StoredEvent]
 
 
 async def replay_execution(
-    app: App, history: list[StoredEvent], timeout: float = REPLAY_TIMEOUT
+    app: App, history: list[StoredEvent], timeout: float | None = REPLAY_TIMEOUT
 ) -> Verdict:
-    """Replay one execution's history against ``app``'s flow code, writing nothing."""
+    """Replay one execution's history against ``app``'s flow code, writing nothing; the
+    code may take ``timeout`` seconds (None: no limit of its own)."""
     try:
         state = fold(history)
     except ValueError as error:
@@ -229,12 +237,13 @@ class _Replay:
         self.refused = list(events)
         raise _PastEnd(f"execution {execution_id}: replay writes nothing")
 
-    async def run(self, timeout: float) -> Verdict:
+    async def run(self, timeout: float | None) -> Verdict:
         """Replay the history to its end and judge where the code got to."""
         clock = ManualClock(self.history[-1].at)  # never advanced: nothing waits on it
         runner = Runner(self.flow, self.state.execution_id, self.history, [], clock, self._refuse)
+        limit = asyncio.timeout(timeout) if timeout is not None else contextlib.nullcontext()
         try:
-            async with asyncio.timeout(timeout):  # no task of its own, unlike wait_for
+            async with limit:  # no task of its own, unlike wait_for
                 outcome: Outcome | None = await runner.start()
         except _PastEnd:
             outcome = None
