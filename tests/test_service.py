@@ -274,8 +274,12 @@ async def test_resume_naming_the_pending_pause_is_accepted(nc: NATS) -> None:
 
 @pytest.mark.parametrize(
     ("headers", "field"),
-    [({"Evflow-Pause": "first"}, "Evflow-Pause"), ({"Idempotency-Key": " "}, "Idempotency-Key")],
-    ids=["pause", "idempotency-key"],
+    [
+        ({"Evflow-Pause": "first"}, "Evflow-Pause"),
+        ({"Evflow-Pause": "²"}, "Evflow-Pause"),  # a digit to str.isdigit, not to int()
+        ({"Idempotency-Key": " "}, "Idempotency-Key"),
+    ],
+    ids=["pause", "pause-superscript", "idempotency-key"],
 )
 async def test_malformed_command_headers_are_invalid_input(
     nc: NATS, headers: dict[str, str], field: str

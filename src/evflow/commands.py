@@ -184,7 +184,8 @@ def _pause(headers: Mapping[str, str], execution_id: str) -> int | None:
     value = headers.get(PAUSE_HEADER)
     if value is None:
         return None
-    if not value.strip().isdigit() or int(value) < 1:
+    text = value.strip()
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:  # '²' is a digit to isdigit
         raise InvalidInput(
             f"the {PAUSE_HEADER} header must be the sequence of the pause to answer (a "
             f"positive integer from the pause reply), not '{value}'",

@@ -91,7 +91,8 @@ class StreamPublisher:
 
     async def _acknowledged(self, msg: Msg) -> None:
         number = msg.subject.rpartition(".")[2]
-        acked = self._waiting.pop(int(number), None) if number.isdigit() else None
+        ours = number.isascii() and number.isdigit()
+        acked = self._waiting.pop(int(number), None) if ours else None
         if acked is None or acked.done():
             return
         if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
