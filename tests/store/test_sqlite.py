@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from evflow.audit import verify_store
 from evflow.errors import ConcurrencyError, StoreError
 from evflow.store import migrations, open_store, sqlite_writer
 from evflow.store.sqlite import SqliteStore
 from evflow.store.sqlite_writer import Append
 
-from .contract import StoreContract, pause, start
+from .contract import StoreContract, pause, resume, start
 
 DB_NAME = "evflow.db"
 
@@ -212,3 +213,27 @@ async def test_a_row_the_batch_checks_did_not_foresee_fails_its_append_alone(tmp
         assert [(s.execution_id, s.version) for s in landed] == [("a", 1), ("b", 1)]
     finally:
         await store.close()
+
+
+async def test_heads_another_writer_moved_are_read_from_the_log(tmp_path: Path):
+    """The writer remembers the heads of executions it appended to. When another writer on
+    the file moves one on, an append that expects the old head is refused by the log, and
+    one that expects the new head is chained to it."""
+    path = tmp_path / DB_NAME
+    one, two = SqliteStore(path), SqliteStore(path)
+    await one.open()
+    await two.open()
+    try:
+        await one.append("a", 0, [start("a")])
+        theirs = await two.append("a", 1, [pause("a", 2)])
+
+        with pytest.raises(ConcurrencyError):
+            await one.append("a", 1, [pause("a", 2)])
+        mine = await one.append("a", 2, [resume("a", 3)])
+
+        assert mine[0].prev_hash == theirs[0].hash
+        assert [s.version for s in await one.read("a")] == [1, 2, 3]
+        assert (await verify_store(one)).intact
+    finally:
+        await one.close()
+        await two.close()

@@ -3,9 +3,10 @@
 The outbox reads the log in global order right behind the appends. Reading back what was
 just written costs a query and a decode per event, so the store keeps its own latest
 commits here and serves such reads from memory. It may only do so where memory and file
-agree: each commit learns, inside its write transaction, the log's last position before
-its rows. If that is not where the kept events end, another process wrote in between, and
-the kept events start over after those writes.
+agree: a commit's rows take consecutive positions (its transaction holds the write lock),
+so the position before its first row is the log's end before it. If that is not where
+the kept events end, another process wrote in between, and the kept events start over
+after those writes.
 """
 
 from __future__ import annotations
@@ -37,16 +38,17 @@ class RecentEvents:
         self._events: list[StoredEvent] = []
         self._size = size
 
-    def committed(self, before: int, events: list[StoredEvent]) -> None:
-        """Take the events of a commit, which found the log ending at ``before``."""
+    def committed(self, before: int | None, events: list[StoredEvent]) -> None:
+        """Take the events of a commit, whose rows follow position ``before`` (None: it
+        wrote no rows)."""
+        if before is None:
+            return
         if before != self.end:  # another process wrote since: start over from its writes
             self._events.clear()
             self.start = before
         self._events.extend(events)
         if events:
             self.end = events[-1].position
-        elif before > self.end:
-            self.end = before
         if len(self._events) > 2 * self._size:  # trimmed now and then, not on every commit
             dropped = len(self._events) - self._size
             self.start = self._events[dropped - 1].position

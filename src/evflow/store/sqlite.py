@@ -162,7 +162,7 @@ class SqliteStore:
         return self._writer
 
     def _committed(
-        self, before: int, batch: list[Append | Checkpoint], outcomes: list[Outcome]
+        self, before: int | None, batch: list[Append | Checkpoint], outcomes: list[Outcome]
     ) -> None:
         """On the event loop, after a commit: keep its events for readers, then answer."""
         assert self._recent is not None

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import sqlite3
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import msgspec
@@ -19,7 +20,6 @@ from msgspec.structs import replace
 
 from ..errors import ConcurrencyError, DuplicateCommand, StoreError
 from ..events import StoredEvent
-from . import idempotency_scope
 from .rows import chained_row
 
 Outcome = list[StoredEvent] | ConcurrencyError | DuplicateCommand | None
@@ -81,79 +81,109 @@ def connect(path: Path, synchronous: str) -> sqlite3.Connection:
     return db
 
 
+class Heads:
+    """The latest version and hash of executions this connection appended to, so that a
+    batch need not read them: a bounded cache, least recently used out.
+
+    It is never trusted blindly. An append whose expected version disagrees with it reads
+    the head from the log. One that agrees but was overtaken by another writer on the file
+    inserts a version that exists, which the log's unique index refuses; the batch then
+    runs one append at a time against the log itself.
+    """
+
+    def __init__(self, size: int = 65_536):
+        self._heads: OrderedDict[str, tuple[int, str | None]] = OrderedDict()
+        self._size = size
+
+    def agreeing(self, execution_id: str, version: int) -> tuple[int, str | None] | None:
+        """The head of an execution if it is known to be at ``version``."""
+        head = self._heads.get(execution_id)
+        return head if head is not None and head[0] == version else None
+
+    def update(self, stored: list[StoredEvent]) -> None:
+        """Remember where appended events leave their executions."""
+        for item in stored:
+            self._heads[item.execution_id] = (item.version, item.hash)
+            self._heads.move_to_end(item.execution_id)
+        while len(self._heads) > self._size:
+            self._heads.popitem(last=False)
+
+    def forget(self, execution_ids: Iterable[str] | None = None) -> None:
+        """Forget some executions' heads, or all."""
+        if execution_ids is None:
+            self._heads.clear()
+        for execution_id in execution_ids or ():
+            self._heads.pop(execution_id, None)
+
+
 def commit(
-    db: sqlite3.Connection, batch: Sequence[Append | Checkpoint]
-) -> tuple[int, list[Outcome]]:
-    """Run a batch as one transaction; returns the log's last position before the batch,
-    read inside the transaction (so no other writer comes between it and the batch's rows),
-    and each request's outcome.
+    db: sqlite3.Connection, batch: Sequence[Append | Checkpoint], known: Heads | None = None
+) -> tuple[int | None, list[Outcome]]:
+    """Run a batch as one transaction; returns the log's last position before the batch's
+    rows (None if it wrote none), and each request's outcome.
 
     Every statement releases the GIL and must take it back from the event loop's thread,
     which holds it most of the time under load: a trivial statement then takes about 0.3 ms
-    instead of 5 µs. So a batch is a handful of statements whatever its size: one reads,
-    as one row, what the appends are judged against; one inserts every row (prepared once
-    per batch size); then the COMMIT. Should
-    the database refuse a row anyway, the batch runs again one append at a time, each in
-    its own savepoint, so that a refusal leaves the others in the batch.
+    instead of 5 µs. So a batch is as few statements as can be, whatever its size: a read
+    of the heads ``known`` does not hold (usually none: a new execution has none, and the
+    connection remembers those it appended to), one INSERT of every row (prepared once per
+    batch size), the COMMIT. A claimed idempotency scope, or a version another writer took,
+    is refused by the log's unique indexes; the batch then runs again one append at a time,
+    each in its own savepoint, so that a refusal leaves the others in the batch.
     """
+    known = known if known is not None else Heads()
+    appends = [request for request in batch if isinstance(request, Append)]
     db.execute("BEGIN IMMEDIATE")
     try:
-        log = _look(db, [request for request in batch if isinstance(request, Append)])
         try:
-            outcomes = _commit_together(db, batch, log)
+            outcomes = _commit_together(db, batch, _heads(db, appends, known))
         except sqlite3.IntegrityError:  # the failed statement undid itself; go one by one
+            known.forget(request.execution_id for request in appends)
             outcomes = [_commit_alone(db, request) for request in batch]
         db.execute("COMMIT")
     except BaseException:
+        known.forget(request.execution_id for request in appends)
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
-    return log.before, outcomes
+
+    stored = [item for outcome in outcomes if isinstance(outcome, list) for item in outcome]
+    known.update(stored)
+    return (stored[0].position - 1 if stored else None), outcomes
 
 
-class _Log:
-    """What a batch is judged against, read in one statement inside its transaction."""
-
-    __slots__ = ("before", "counter", "heads", "claimed")
-
-    def __init__(self, before: int, counter: int, heads: str, claimed: str):
-        self.before = before
-        """The log's last position."""
-        self.counter = counter
-        """The table's AUTOINCREMENT counter: positions go on from the larger of the two."""
-        self.heads: dict[str, tuple[int, str | None]] = {
-            execution_id: (version, digest)
-            for execution_id, version, digest in msgspec.json.decode(heads)
-        }
-        """Each execution's latest version and hash, for the executions appended to."""
-        self.claimed: set[str] = set(msgspec.json.decode(claimed))
-        """The idempotency scopes of the batch that the log already holds."""
-
-
-_LOOK = """
-SELECT
-    (SELECT coalesce(max(position), 0) FROM events),
-    (SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'events'),
-    (SELECT json_group_array(json_array(execution_id, version, hash)) FROM (
-        -- SQLite takes a bare column from the row that holds the max(): the latest hash.
-        SELECT execution_id, max(version) AS version, hash FROM events
-        WHERE execution_id IN (SELECT value FROM json_each(?1)) GROUP BY execution_id)),
-    (SELECT json_group_array(idempotency_scope) FROM events
-        WHERE idempotency_scope IN (SELECT value FROM json_each(?2)))
+_HEADS = """
+SELECT json_group_array(json_array(execution_id, version, hash)) FROM (
+    -- SQLite takes a bare column from the row that holds the max(): the latest hash.
+    SELECT execution_id, max(version) AS version, hash FROM events
+    WHERE execution_id IN (SELECT value FROM json_each(?)) GROUP BY execution_id)
 """
 
 
-def _look(db: sqlite3.Connection, appends: list[Append]) -> _Log:
-    executions = list({request.execution_id for request in appends})
-    scopes = [s for r in appends for e in r.events if (s := idempotency_scope(e)) is not None]
-    before, counter, heads, claimed = db.execute(
-        _LOOK, (msgspec.json.encode(executions), msgspec.json.encode(scopes))
-    ).fetchone()
-    return _Log(before, counter, heads, claimed)
+def _heads(
+    db: sqlite3.Connection, appends: list[Append], known: Heads
+) -> dict[str, tuple[int, str | None]]:
+    """The head each append is judged against: none for a new execution, else the known
+    one if it agrees with the append, else the log's, read for all of those as one row."""
+    heads: dict[str, tuple[int, str | None]] = {}
+    unknown = []
+    for request in appends:
+        expected = request.expected_version
+        head = (0, None) if expected == 0 else known.agreeing(request.execution_id, expected)
+        if head is None:
+            unknown.append(request.execution_id)
+        else:
+            heads.setdefault(request.execution_id, head)
+    if unknown:
+        (found,) = db.execute(_HEADS, (msgspec.json.encode(unknown),)).fetchone()
+        heads.update({e: (v, digest) for e, v, digest in msgspec.json.decode(found)})
+    return heads
 
 
 def _commit_together(
-    db: sqlite3.Connection, batch: Sequence[Append | Checkpoint], log: _Log
+    db: sqlite3.Connection,
+    batch: Sequence[Append | Checkpoint],
+    heads: dict[str, tuple[int, str | None]],
 ) -> list[Outcome]:
     outcomes: list[Outcome] = []
     rows: list[tuple[object, ...]] = []
@@ -162,31 +192,23 @@ def _commit_together(
             _move_checkpoint(db, request)
             outcomes.append(None)
             continue
-        refusal = _judge(request, log.heads, log.claimed)
+        refusal = _judge(request, heads)
         if refusal is not None:
             outcomes.append(refusal)
             continue
-        chained = _chain(request, log.heads)
-        log.claimed.update(row[-1] for row in chained if row[-1] is not None)  # type: ignore[misc]
-        rows += chained
+        rows += _chain(request, heads)
         outcomes.append([])
 
-    first = _insert_rows(db, rows, log) if rows else 0
-    return _placed(batch, outcomes, rows, first)
+    positions = _insert_rows(db, rows)
+    return _placed(batch, outcomes, rows, positions)
 
 
-def _judge(
-    request: Append, heads: dict[str, tuple[int, str | None]], claimed: set[str]
-) -> ConcurrencyError | DuplicateCommand | None:
-    """Why an append cannot land after what the log and the batch hold so far, if it cannot."""
+def _judge(request: Append, heads: dict[str, tuple[int, str | None]]) -> ConcurrencyError | None:
+    """Why an append cannot land after the head it is judged against, if it cannot."""
     execution_id = request.execution_id
     current = heads.get(execution_id, (0, None))[0]
     if current != request.expected_version:
         return _clash(execution_id, current, request.expected_version)
-    for item in request.events:
-        scope = idempotency_scope(item)
-        if scope is not None and scope in claimed:
-            return _duplicate(item, scope)
     return None
 
 
@@ -203,43 +225,39 @@ def _chain(request: Append, heads: dict[str, tuple[int, str | None]]) -> list[tu
     return rows
 
 
-def _insert_rows(db: sqlite3.Connection, rows: list[tuple[object, ...]], log: _Log) -> int:
-    """Insert ``rows`` in order; returns the position of the first.
+def _insert_rows(db: sqlite3.Connection, rows: list[tuple[object, ...]]) -> list[int]:
+    """Insert ``rows`` in order; returns their positions.
 
-    Positions are handed out one after another from the larger of the last position and
-    the table's AUTOINCREMENT counter (this transaction holds the write lock), and the
-    last row's position is checked against that count.
+    One INSERT gives its rows one position after another (this transaction holds the write
+    lock), so each statement's rows end at its last row's position.
     """
-    first = max(log.before, log.counter) + 1
-    last = 0
+    positions: list[int] = []
     for i in range(0, len(rows), _ROWS_PER_INSERT):
         chunk = rows[i : i + _ROWS_PER_INSERT]
         values = [value for row in chunk for value in row]
         last = db.execute(_insert_sql(len(chunk)), values).lastrowid or 0
-    if last != first + len(rows) - 1:
-        raise StoreError(
-            f"the log gave rows positions up to {last}, not {first + len(rows) - 1} as counted; "
-            "the batch was not written: check that nothing else writes to the file"
-        )
-    return first
+        positions += range(last - len(chunk) + 1, last + 1)
+    return positions
 
 
 def _placed(
     batch: Sequence[Append | Checkpoint],
     outcomes: list[Outcome],
     rows: list[tuple[object, ...]],
-    first: int,
+    positions: list[int],
 ) -> list[Outcome]:
     """The outcomes, with each landed append's events as stored: position and hashes."""
-    position = first
+    row = 0
     for index, request in enumerate(batch):
         if not isinstance(request, Append) or outcomes[index] != []:
             continue
         stored = []
         for item in request.events:
-            row = rows[position - first]
-            stored.append(replace(item, position=position, prev_hash=row[6], hash=row[7]))
-            position += 1
+            values = rows[row]
+            stored.append(
+                replace(item, position=positions[row], prev_hash=values[6], hash=values[7])
+            )
+            row += 1
         outcomes[index] = stored
     return outcomes
 

@@ -26,9 +26,9 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-Committed = Callable[[int, list[Append | Checkpoint], list[Outcome]], None]
-"""Called on the event loop after each commit: the log's last position before the batch,
-the batch, and each request's outcome."""
+Committed = Callable[[int | None, list[Append | Checkpoint], list[Outcome]], None]
+"""Called on the event loop after each commit: the log's last position before the batch's
+rows (None if it wrote none), the batch, and each request's outcome."""
 
 
 class _Job:
@@ -60,6 +60,7 @@ class WriterThread:
         self.path = path
         self._synchronous = synchronous
         self._committed = committed
+        self._heads = sqlite_writer.Heads()
         self._requests: queue.SimpleQueue[_Request] = queue.SimpleQueue()
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="evflow-sqlite-writer", daemon=True)
@@ -123,7 +124,7 @@ class WriterThread:
 
     def _commit(self, db: sqlite3.Connection, batch: list[Append | Checkpoint]) -> None:
         try:
-            before, outcomes = sqlite_writer.commit(db, batch)
+            before, outcomes = sqlite_writer.commit(db, batch, self._heads)
         except Exception as error:  # the whole transaction failed: fail every request
             logger.exception("the SQLite log at %s failed to commit a batch", self.path)
             failure = StoreError(f"appending to the SQLite log at {self.path} failed: {error}")
@@ -132,6 +133,7 @@ class WriterThread:
         self._loop.call_soon_threadsafe(self._committed, before, batch, outcomes)
 
     def _run_job(self, db: sqlite3.Connection, job: _Job) -> None:
+        self._heads.forget()  # the job may write rows of its own (an import)
         try:
             result = job.work(db, *job.args)
         except BaseException as error:
