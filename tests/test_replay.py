@@ -579,3 +579,36 @@ async def test_cli_replays_a_log_an_engine_is_serving(tmp_path: Path):
     assert "completes with the recorded result" in second.stdout
     assert replay_flows.CALLS == ["reserve"]  # the engine's own run, none from the replays
     assert not (tmp_path / "calls").exists()
+
+
+async def test_flow_code_that_waits_briefly_on_asyncio_replays_in_a_task_of_its_own(
+    tmp_path: Path,
+):
+    """Replay runs flow code inline until it first waits; code that waits on something
+    other than its Context goes on in a task, with what it awaited, results and errors."""
+    app = App()
+
+    @app.flow("nap")
+    async def nap(ctx: Context, fail: bool) -> dict:
+        await asyncio.sleep(0)
+        await asyncio.sleep(0.01)
+        if fail:
+            raise ValueError("woke up wrong")
+        answer = await ctx.pause(outputs={"ok": bool})
+        return {"ok": answer["ok"]}
+
+    store = SqliteStore(tmp_path / "nap.db")
+    await store.open()
+    try:
+        engine = Engine(app, store, clock=ManualClock(T0))
+        paused = await engine.invoke("nap", b'{"fail": false}')
+        failed = await engine.invoke("nap", b'{"fail": true}')
+        histories = [await store.read(s.execution_id) for s in (paused, failed)]
+    finally:
+        await store.close()
+
+    verdicts = await replay_histories(app, histories, timeout=5)
+
+    assert [v.outcome for v in verdicts] == ["ok", "ok"]
+    assert "waits at pause 'pause'" in verdicts[0].message
+    assert "fails as recorded (failed ValueError: woke up wrong)" in verdicts[1].message

@@ -244,7 +244,7 @@ class _Replay:
         limit = asyncio.timeout(timeout) if timeout is not None else contextlib.nullcontext()
         try:
             async with limit:  # no task of its own, unlike wait_for
-                outcome: Outcome | None = await runner.start()
+                outcome: Outcome | None = await runner.start(inline=True)
         except _PastEnd:
             outcome = None
         except NondeterminismError as error:

@@ -10,8 +10,11 @@ which answers it with a resume or drops the runner.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import logging
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from datetime import datetime
+from functools import partial
+from typing import Any
 
 import msgspec
 
@@ -27,6 +30,8 @@ from .events import (
 )
 from .flow import FlowDef
 from .timers import Clock
+
+logger = logging.getLogger(__name__)
 
 Persist = Callable[[str, int, list[StoredEvent]], Awaitable[list[StoredEvent]]]
 """Appends events for an execution after a version and returns them as stored; with no
@@ -79,6 +84,7 @@ class Runner:
         self._signal: asyncio.Future[Outcome] | None = None
         self._answer: asyncio.Future[StoredEvent] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._inline: Coroutine[Any, Any, None] | None = None
         self._error: EvflowError | None = None
         self._closed = False
 
@@ -134,10 +140,31 @@ class Runner:
         if self._closed or self._error is not None:
             raise _Aborted
 
-    async def start(self) -> Outcome:
-        """Run the flow from its beginning to its first settle point past the history."""
+    async def start(self, inline: bool = False) -> Outcome:
+        """Run the flow from its beginning to its first settle point past the history.
+
+        ``inline`` runs the flow code in the caller's task until it first waits. Waiting at
+        its settle point (a pause or a timer), it stays suspended with no task of its own;
+        waiting on anything else, it goes on in a task from there. For replay checks: their
+        flow code waits on nothing but its Context, and a task per execution cost more than
+        replaying its events. (The engine keeps a task per flow: code that runs inline sees
+        the caller's task as its own, which ``asyncio.timeout`` in flow code would cancel.)
+        """
         self._signal = asyncio.get_running_loop().create_future()
-        self._task = asyncio.create_task(self._main(), name=f"evflow-{self.execution_id}")
+        if not inline:
+            self._task = asyncio.create_task(self._main(), name=f"evflow-{self.execution_id}")
+            return await self._settled()
+
+        coroutine = self._main()
+        try:
+            waiting = coroutine.send(None)
+        except StopIteration:
+            return await self._settled()
+        if waiting is not None and waiting is self._answer:
+            self._inline = coroutine
+        else:
+            going_on = _GoingOn(coroutine, waiting)
+            self._task = asyncio.create_task(going_on.run(), name=f"evflow-{self.execution_id}")
         return await self._settled()
 
     async def answer(self, event: ExecutionResumed) -> Outcome:
@@ -169,10 +196,17 @@ class Runner:
 
     def abandon(self) -> None:
         """Drop the flow coroutine wherever it waits, without waiting: it unwinds on the
-        event loop's next turn, and can issue no operation meanwhile."""
+        event loop's next turn (at once, if it waits inline), and can issue no operation
+        meanwhile."""
         self._closed = True
         if self._task is not None and not self._task.done():
             self._task.cancel()
+        if self._inline is not None:
+            inline, self._inline = self._inline, None
+            try:
+                inline.close()
+            except RuntimeError as error:  # its code awaited again while unwinding
+                logger.debug("the flow of %s did not unwind: %s", self.execution_id, error)
 
     async def _settled(self) -> Outcome:
         assert self._signal is not None
@@ -230,6 +264,32 @@ class Runner:
             )
         if self._error is None:
             self.record(event)
+
+
+class _GoingOn:
+    """Hands a flow coroutine that started inline to a task, from where it waits: the task
+    sends to it, and throws into it, what it would have had the coroutine been its own."""
+
+    def __init__(self, coroutine: Coroutine[Any, Any, None], waiting: Any):
+        self._coroutine = coroutine
+        self._waiting = waiting
+
+    async def run(self) -> None:
+        await self
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        waiting = self._waiting
+        while True:
+            try:
+                value = yield waiting
+            except BaseException as error:  # the task was cancelled: so is the coroutine
+                step = partial(self._coroutine.throw, error)
+            else:
+                step = partial(self._coroutine.send, value)
+            try:
+                waiting = step()
+            except StopIteration:
+                return
 
 
 def _completion(result: object) -> Event:
