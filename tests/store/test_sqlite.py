@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from evflow.audit import verify_store
-from evflow.errors import ConcurrencyError, StoreError
+from evflow.errors import ConcurrencyError, DuplicateCommand, StoreError
 from evflow.store import migrations, open_store, sqlite_writer
 from evflow.store.sqlite import SqliteStore
 from evflow.store.sqlite_writer import Append
@@ -213,6 +213,34 @@ async def test_a_row_the_batch_checks_did_not_foresee_fails_its_append_alone(tmp
         assert [(s.execution_id, s.version) for s in landed] == [("a", 1), ("b", 1)]
     finally:
         await store.close()
+
+
+async def test_a_refusal_in_a_later_insert_undoes_the_rows_of_those_before(tmp_path: Path):
+    """A batch of more rows than one INSERT takes is several statements. When a later one is
+    refused, the rows of those before it must not stay in the transaction: each append then
+    either lands and is told so, or does not land."""
+    path = tmp_path / DB_NAME
+    store = SqliteStore(path)
+    await store.open()
+    await store.append("first", 0, [start("first", key="k")])
+    await store.close()
+    db = sqlite_writer.connect(path, "FULL")
+
+    try:
+        size = sqlite_writer._ROWS_PER_INSERT
+        batch = [Append(f"e{i}", 0, [start(f"e{i}")]) for i in range(size)]
+        batch.append(Append("twin", 0, [start("twin", key="k")]))  # in the second INSERT
+        _, outcomes = sqlite_writer.commit(db, batch)
+    finally:
+        db.close()
+
+    assert all(isinstance(outcome, list) for outcome in outcomes[:size])
+    assert isinstance(outcomes[size], DuplicateCommand)
+    with sqlite3.connect(path) as check:
+        (rows,) = check.execute(
+            "SELECT count(*) FROM events WHERE execution_id LIKE 'e%'"
+        ).fetchone()
+    assert rows == size
 
 
 async def test_heads_another_writer_moved_are_read_from_the_log(tmp_path: Path):

@@ -128,8 +128,8 @@ def commit(
     of the heads ``known`` does not hold (usually none: a new execution has none, and the
     connection remembers those it appended to), one INSERT of every row (prepared once per
     batch size), the COMMIT. A claimed idempotency scope, or a version another writer took,
-    is refused by the log's unique indexes; the batch then runs again one append at a time,
-    each in its own savepoint, so that a refusal leaves the others in the batch.
+    is refused by the log's unique indexes; the batch is then undone and runs again one
+    append at a time, each in its own savepoint, so that a refusal leaves the others.
     """
     known = known if known is not None else Heads()
     appends = [request for request in batch if isinstance(request, Append)]
@@ -137,8 +137,12 @@ def commit(
     try:
         try:
             outcomes = _commit_together(db, batch, _heads(db, appends, known))
-        except sqlite3.IntegrityError:  # the failed statement undid itself; go one by one
+        except sqlite3.IntegrityError:
+            # Undo the whole batch, not only the refused statement: a batch of more than
+            # one INSERT would keep the rows of those before it.
             known.forget(request.execution_id for request in appends)
+            db.execute("ROLLBACK")
+            db.execute("BEGIN IMMEDIATE")
             outcomes = [_commit_alone(db, request) for request in batch]
         db.execute("COMMIT")
     except BaseException:
