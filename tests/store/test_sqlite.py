@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from pathlib import Path
@@ -13,6 +14,7 @@ from evflow.errors import ConcurrencyError, DuplicateCommand, StoreError
 from evflow.store import migrations, open_store, sqlite_writer
 from evflow.store.sqlite import SqliteStore
 from evflow.store.sqlite_writer import Append
+from evflow.store.writer_thread import WriterThread
 
 from .contract import StoreContract, pause, resume, start
 
@@ -265,3 +267,34 @@ async def test_heads_another_writer_moved_are_read_from_the_log(tmp_path: Path):
     finally:
         await one.close()
         await two.close()
+
+
+async def test_an_append_during_close_is_refused_not_left_hanging(tmp_path: Path):
+    """An append that arrives while the store closes (a command that outlived the shutdown,
+    a timer firing) is refused at once: no caller waits on it forever."""
+    store = SqliteStore(tmp_path / DB_NAME)
+    await store.open()
+    closing = asyncio.create_task(store.close())
+    await asyncio.sleep(0)  # close has begun: the writer is stopping
+
+    with pytest.raises(StoreError, match="closed"):
+        await asyncio.wait_for(store.append("late", 0, [start("late")]), 5)
+    await closing
+
+
+async def test_what_reaches_the_writer_after_its_stop_is_refused(tmp_path: Path):
+    """A request queued behind the writer's stop is answered with a refusal when the thread
+    ends, and one submitted after that is refused at once."""
+    writer = WriterThread(tmp_path / DB_NAME, "FULL", lambda *_: None)
+    await writer.start()
+    stopping = asyncio.create_task(writer.stop())
+    await asyncio.sleep(0)  # the stop is queued
+    late = Append("late", 0, [start("late")])
+
+    writer.submit(late)
+    await stopping
+
+    with pytest.raises(StoreError, match="nothing was written"):
+        await asyncio.wait_for(late.done, 5)
+    with pytest.raises(StoreError, match="closed"):
+        writer.submit(Append("later", 0, [start("later")]))

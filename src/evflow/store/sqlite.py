@@ -1,8 +1,8 @@
 """The SQLite log: one file, WAL, every append durable before it is acknowledged.
 
-Appends go through one writer task. It takes every append waiting when it becomes free and
-commits them in one transaction (group commit), each inside its own savepoint so that one
-append's version clash does not undo the others. A lone append is committed at once: a
+Appends go through one writer thread (``writer_thread``). It takes every append waiting
+when it becomes free and commits them in one transaction (group commit, ``sqlite_writer``);
+a version clash refuses only the append at fault. A lone append is committed at once: a
 batch closes when the writer is free, never after a sleep. Reads use a second connection,
 which WAL lets run beside the writer.
 
@@ -123,8 +123,8 @@ class SqliteStore:
     async def close(self) -> None:
         """Let queued appends finish, then close both connections."""
         if self._writer is not None:
-            await self._writer.stop()
-            self._writer = None
+            writer, self._writer = self._writer, None  # later appends are refused at once
+            await writer.stop()
         if self._reader_db is not None:
             await self._reader_db.close()
             self._reader_db = None

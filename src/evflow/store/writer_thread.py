@@ -14,7 +14,7 @@ import logging
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -62,6 +62,8 @@ class WriterThread:
         self._committed = committed
         self._heads = sqlite_writer.Heads()
         self._requests: queue.SimpleQueue[_Request] = queue.SimpleQueue()
+        self._open = True  # until the thread ends; guarded by _taking
+        self._taking = threading.Lock()
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="evflow-sqlite-writer", daemon=True)
         self._started: asyncio.Future[None] = self._loop.create_future()
@@ -74,13 +76,24 @@ class WriterThread:
 
     def submit(self, request: Append | Checkpoint) -> None:
         """Queue an append or a checkpoint move; its ``done`` future gives the outcome."""
-        self._requests.put(request)
+        self._put(request)
 
     async def call(self, work: Callable[..., T], *args: Any) -> T:
         """Run ``work(connection, *args)`` on the thread, between batches."""
         job = _Job(work, args)
-        self._requests.put(job)
+        self._put(job)
         return await job.done
+
+    def _put(self, request: _Request) -> None:
+        """Queue a request, or refuse it once the thread has ended (stopped, or failed):
+        nothing queued is ever left unanswered."""
+        with self._taking:
+            if not self._open:
+                raise StoreError(
+                    f"the SQLite log at {self.path} is closed, so nothing was written; "
+                    "open it again before writing"
+                )
+            self._requests.put(request)
 
     async def stop(self) -> None:
         """Let everything queued so far be written, then close the connection."""
@@ -100,7 +113,25 @@ class WriterThread:
             self._serve(db)
         finally:
             db.close()
+            self._refuse_the_rest()
             self._loop.call_soon_threadsafe(_settle, self._stopped, None, None)
+
+    def _refuse_the_rest(self) -> None:
+        """Close the queue, and refuse what reached it after the stop (or after a failure
+        that ended the thread): those requests were not written."""
+        with self._taking:
+            self._open = False
+        left: list[Append | Checkpoint | _Job] = []
+        while not self._requests.empty():
+            request = self._requests.get_nowait()
+            if not isinstance(request, _Stop):
+                left.append(request)
+        if left:
+            failure = StoreError(
+                f"the SQLite log at {self.path} closed before this was written; nothing was "
+                "written: try again once the store is open"
+            )
+            self._loop.call_soon_threadsafe(_fail, left, failure)
 
     def _serve(self, db: sqlite3.Connection) -> None:
         held: _Request | None = None  # taken from the queue while gathering a batch
@@ -151,6 +182,6 @@ def _settle(done: asyncio.Future[Any], result: object, error: BaseException | No
         done.set_result(result)
 
 
-def _fail(batch: list[Append | Checkpoint], failure: Exception) -> None:
-    for request in batch:
+def _fail(requests: Sequence[Append | Checkpoint | _Job], failure: Exception) -> None:
+    for request in requests:
         _settle(request.done, None, failure)
