@@ -234,3 +234,49 @@ async def test_stopping_the_engine_lets_every_hot_flow_go(engines: Open):
 
     assert all(task.done() for task in flows)
     assert len(engine._driver.hot) == 0
+
+
+def restless_app(runs: list[str]) -> App:
+    """Flow code that would go on while it waits at a pause: its own timer ends the wait,
+    or a branch beside the pause issues a step."""
+    app = App()
+
+    @app.flow("bounded")
+    async def bounded(ctx: Context) -> str:
+        try:
+            async with asyncio.timeout(0.1):
+                await ctx.pause(name="approve", outputs={"ok": bool})
+        except TimeoutError:
+            await ctx.step("fallback", runs.append, "fallback")
+            return "timed out"
+        return "answered"
+
+    @app.flow("beside")
+    async def beside(ctx: Context) -> str:
+        async def later() -> None:
+            await asyncio.sleep(0.1)
+            await ctx.step("later", runs.append, "later")
+
+        await asyncio.gather(ctx.pause(name="approve", outputs={"ok": bool}), later())
+        return "both"
+
+    return app
+
+
+@pytest.mark.parametrize("flow, result", [("bounded", "answered"), ("beside", "both")])
+async def test_a_hot_flow_does_nothing_until_a_command_comes(engines: Open, flow: str, result: str):
+    """A hot flow's code stays where it waits: what it would do there by itself (its own
+    timer firing, a branch beside the pause) is stopped before any side effect, nothing is
+    appended, and the next resume replays it from the log."""
+    runs: list[str] = []
+    engine = await engines(restless_app(runs))
+    paused = await engine.invoke(flow, b"{}")
+    before = await engine.history(paused.execution_id)
+
+    await asyncio.sleep(0.4)
+
+    assert runs == []
+    assert await engine.history(paused.execution_id) == before
+    done = await engine.resume(flow, paused.execution_id, body(ok=True))
+    assert (done.status, done.result) == (Status.COMPLETED, result)
+    assert runs == (["later"] if flow == "beside" else [])

@@ -122,15 +122,15 @@ class Context:
             result = await _call(fn, args)
         except Exception as error:
             failed = StepFailed(sequence, name, type(error).__name__, str(error))
-            return self._replay_step(self._runner.record(failed))
+            return self._replay_step(self._runner.record_result(failed))
         try:
             encoded = msgspec.json.encode(result)
         except TypeError as error:
             reason = f"the result is not JSON-serialisable ({error}); return JSON values"
             failed = StepFailed(sequence, name, "TypeError", reason)
-            return self._replay_step(self._runner.record(failed))
+            return self._replay_step(self._runner.record_result(failed))
         completed = StepCompleted(sequence, name, msgspec.json.decode(encoded))
-        return self._replay_step(self._runner.record(completed))
+        return self._replay_step(self._runner.record_result(completed))
 
     def _replay_step(self, stored: StoredEvent) -> Any:
         self._now = stored.at

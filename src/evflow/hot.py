@@ -6,6 +6,11 @@ state and its flow coroutine, suspended at the pause, are at hand. The cache is 
 whenever anything but its own flow appends to its execution (a timer, a cancel), and an
 entry that another engine overtook is found out by the log's version check on the next
 append, after which the command runs again from the log.
+
+A hot flow holds whatever its code holds across the pause (an open connection, a lock) for
+as long as it stays hot, where a cold one would have let it go at the pause. Its code may
+not go on by itself meanwhile: an operation it issues, or its own timer ending the wait,
+ends the runner (``Runner.check_open``, ``Runner.suspend``).
 """
 
 from __future__ import annotations
@@ -62,8 +67,14 @@ class HotExecutions:
         return hot.state if hot is not None else None
 
     def take(self, execution_id: str) -> Hot | None:
-        """Take a hot execution out of the cache, to answer it; None if it is not hot."""
-        return self._entries.pop(execution_id, None)
+        """Take a hot execution out of the cache, to answer it; None if it is not hot, or if
+        its flow code no longer waits at the pause (it then runs again from the log)."""
+        hot = self._entries.pop(execution_id, None)
+        if hot is not None and not hot.runner.waiting:
+            hot.runner.abandon()
+            logger.debug("execution %s stopped waiting while hot; it is read again", execution_id)
+            return None
+        return hot
 
     def keep(self, hot: Hot) -> None:
         """Keep an execution that settled at a pause; the least recently used one leaves

@@ -99,6 +99,12 @@ class Runner:
         self.pending.append(stored)
         return stored
 
+    def record_result(self, event: Event) -> StoredEvent:
+        """Record what a step's side effect gave, if the flow may still go on: while it ran,
+        the flow may have settled in another branch of its code, or been dropped."""
+        self.check_open()
+        return self.record(event)
+
     async def flush(self) -> None:
         """Append the pending events to the log."""
         if not self.pending:
@@ -135,8 +141,23 @@ class Runner:
         """The latest operation the flow code issued: sequence and name (``step charge``)."""
         return self._context.last_operation
 
+    @property
+    def waiting(self) -> bool:
+        """Whether the flow code still waits at its settle point, to be answered."""
+        return not self._closed and self._answer is not None and not self._answer.done()
+
     def check_open(self) -> None:
-        """Refuse new operations once the runner is closed or has failed."""
+        """Refuse new operations once the runner is closed or has failed, and while the flow
+        waits at a settle point: no command drives it then, so code that goes on (a task of
+        its own beside the pause) would act with no lock and nothing to record it. Such code
+        ends the runner; the next command replays the execution from the log."""
+        if self.waiting:
+            logger.warning(
+                "the flow code of execution %s issued an operation while it waits at a pause "
+                "or timer; it is stopped there and replayed from the log on its next command",
+                self.execution_id,
+            )
+            self._closed = True
         if self._closed or self._error is not None:
             raise _Aborted
 
@@ -186,7 +207,22 @@ class Runner:
         is ever answered in this run (a timer's firing is recorded first, then replayed)."""
         self._answer = asyncio.get_running_loop().create_future()
         self._signal_once(outcome)
-        return await self._answer
+        try:
+            return await self._answer
+        except asyncio.CancelledError:
+            if self._closed:
+                raise
+            # Not dropped by the engine: the flow code's own timer (asyncio.timeout around
+            # a pause, kept hot) cancelled the wait. A settle point ends only by its answer,
+            # so the code goes no further; the next command replays it from the log.
+            logger.warning(
+                "the flow code of execution %s stopped waiting at its pause by itself (an "
+                "asyncio timeout in flow code?); flow code should bound a pause with its "
+                "timeout= argument, which the log records",
+                self.execution_id,
+            )
+            self._closed = True
+            raise _Aborted from None
 
     async def close(self) -> None:
         """Drop the flow coroutine wherever it waits, and wait until it is gone."""
