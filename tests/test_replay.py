@@ -313,15 +313,19 @@ async def test_a_window_that_times_out_is_replayed_again_one_at_a_time(
     store = await open_store(recorded.url, read_only=True)
     try:
         history = await store.read(recorded.ids["paused"])
+        fragile = await store.read(recorded.ids["failed"])  # a flow that does not dawdle
     finally:
         await store.close()
     unreadable = Verdict("x", "", 0, "error", None, 0, "cannot be read")
 
-    verdicts = await replay_histories(build("dawdling"), [unreadable, history], timeout=0.2)
+    verdicts = await replay_histories(
+        build("dawdling"), [unreadable, history, fragile], timeout=0.2
+    )
 
     assert verdicts[0] is unreadable
     assert verdicts[1].outcome == "error"
     assert "did not reach its next operation within 0.2 s" in verdicts[1].message
+    assert verdicts[2].outcome == "ok", verdicts[2].message
 
 
 async def test_recorded_inputs_the_code_refuses_diverge(recorded: Recorded, no_calls: None):
@@ -612,3 +616,48 @@ async def test_flow_code_that_waits_briefly_on_asyncio_replays_in_a_task_of_its_
     assert [v.outcome for v in verdicts] == ["ok", "ok"]
     assert "waits at pause 'pause'" in verdicts[0].message
     assert "fails as recorded (failed ValueError: woke up wrong)" in verdicts[1].message
+
+
+async def test_flow_code_that_bounds_its_own_waits_replays_without_cancelling_the_replay(
+    tmp_path: Path,
+):
+    """Flow code may arm ``asyncio.timeout`` or open a ``TaskGroup``: both act on the task
+    the code runs in. Replay starts code inline, in its own task; code that waits elsewhere
+    starts again in a task of its own, so its timer and its group cancel that task, never
+    the replay."""
+    app = App()
+
+    @app.flow("patient")
+    async def patient(ctx: Context) -> str:
+        try:
+            async with asyncio.timeout(0.05):
+                await asyncio.sleep(5)  # a slow lookup, bounded
+        except TimeoutError:
+            pass
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(asyncio.sleep(5))
+                group.create_task(_fail_soon())
+        except* ValueError:
+            pass
+        answer = await ctx.pause(outputs={"ok": bool})
+        return "yes" if answer["ok"] else "no"
+
+    store = SqliteStore(tmp_path / "patient.db")
+    await store.open()
+    try:
+        engine = Engine(app, store, clock=ManualClock(T0), hot_executions=0)
+        paused = await engine.invoke("patient", b"{}")
+        history = await store.read(paused.execution_id)
+    finally:
+        await store.close()
+
+    alone = await replay_execution(app, history, timeout=5)
+    side_by_side = await replay_histories(app, [history, history], timeout=5)
+
+    assert [v.outcome for v in (alone, *side_by_side)] == ["ok"] * 3, alone.message
+
+
+async def _fail_soon() -> None:
+    await asyncio.sleep(0.01)
+    raise ValueError("a lookup failed")

@@ -51,7 +51,7 @@ from .events import (
 )
 from .flow import App, FlowDef
 from .replay_verdicts import Result, Summary, Verdict, raised_at, unfolded, verdict_of
-from .runtime import Outcome, Runner
+from .runtime import Outcome, Runner, WaitedElsewhere
 from .state import ExecutionState, Status, fold
 from .store import EventStore
 from .timers import ManualClock
@@ -237,14 +237,22 @@ class _Replay:
         self.refused = list(events)
         raise _PastEnd(f"execution {execution_id}: replay writes nothing")
 
+    def _runner(self) -> Runner:
+        clock = ManualClock(self.history[-1].at)  # never advanced: nothing waits on it
+        return Runner(self.flow, self.state.execution_id, self.history, [], clock, self._refuse)
+
     async def run(self, timeout: float | None) -> Verdict:
         """Replay the history to its end and judge where the code got to."""
-        clock = ManualClock(self.history[-1].at)  # never advanced: nothing waits on it
-        runner = Runner(self.flow, self.state.execution_id, self.history, [], clock, self._refuse)
+        runner = self._runner()
         limit = asyncio.timeout(timeout) if timeout is not None else contextlib.nullcontext()
         try:
             async with limit:  # no task of its own, unlike wait_for
-                outcome: Outcome | None = await runner.start(inline=True)
+                try:
+                    outcome: Outcome | None = await runner.start(inline=True)
+                except WaitedElsewhere:  # code that waits elsewhere gets a task of its own
+                    self.raised.clear()
+                    runner = self._runner()
+                    outcome = await runner.start()
         except _PastEnd:
             outcome = None
         except NondeterminismError as error:

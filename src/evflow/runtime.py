@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
-from functools import partial
 from typing import Any
 
 import msgspec
@@ -43,6 +42,11 @@ class Ended(msgspec.Struct, frozen=True):
 
 
 Outcome = Suspended | Sleeping | Ended
+
+
+class WaitedElsewhere(Exception):
+    """Flow code started inline waited on something other than its Context (see
+    ``Runner.start``): start it again in a task of its own."""
 
 
 class _Aborted(BaseException):
@@ -164,28 +168,30 @@ class Runner:
     async def start(self, inline: bool = False) -> Outcome:
         """Run the flow from its beginning to its first settle point past the history.
 
-        ``inline`` runs the flow code in the caller's task until it first waits. Waiting at
-        its settle point (a pause or a timer), it stays suspended with no task of its own;
-        waiting on anything else, it goes on in a task from there. For replay checks: their
-        flow code waits on nothing but its Context, and a task per execution cost more than
-        replaying its events. (The engine keeps a task per flow: code that runs inline sees
-        the caller's task as its own, which ``asyncio.timeout`` in flow code would cancel.)
+        ``inline`` runs the flow code in the caller's task, for replay checks, whose flow
+        code should wait on nothing but its Context: a task per execution cost more than
+        replaying its events. Settled at a pause or a timer, the code stays suspended with
+        no task of its own. If it first waits on anything else, the inline run is dropped
+        and ``WaitedElsewhere`` raised: code that runs inline sees the caller's task as its
+        own (an ``asyncio.timeout`` it arms would cancel the caller), so it must start again
+        in a task, with a new runner. Only for runners whose ``persist`` lets no side effect
+        run (it refuses), since the code's first part runs twice. The engine always gives a
+        flow its own task.
         """
         self._signal = asyncio.get_running_loop().create_future()
         if not inline:
             self._task = asyncio.create_task(self._main(), name=f"evflow-{self.execution_id}")
             return await self._settled()
 
-        coroutine = self._main()
+        self._inline = self._main()
         try:
-            waiting = coroutine.send(None)
+            waiting = self._inline.send(None)
         except StopIteration:
+            self._inline = None
             return await self._settled()
-        if waiting is not None and waiting is self._answer:
-            self._inline = coroutine
-        else:
-            going_on = _GoingOn(coroutine, waiting)
-            self._task = asyncio.create_task(going_on.run(), name=f"evflow-{self.execution_id}")
+        if waiting is None or waiting is not self._answer:
+            self.abandon()
+            raise WaitedElsewhere(self.execution_id)
         return await self._settled()
 
     async def answer(self, event: ExecutionResumed) -> Outcome:
@@ -300,32 +306,6 @@ class Runner:
             )
         if self._error is None:
             self.record(event)
-
-
-class _GoingOn:
-    """Hands a flow coroutine that started inline to a task, from where it waits: the task
-    sends to it, and throws into it, what it would have had the coroutine been its own."""
-
-    def __init__(self, coroutine: Coroutine[Any, Any, None], waiting: Any):
-        self._coroutine = coroutine
-        self._waiting = waiting
-
-    async def run(self) -> None:
-        await self
-
-    def __await__(self) -> Generator[Any, Any, None]:
-        waiting = self._waiting
-        while True:
-            try:
-                value = yield waiting
-            except BaseException as error:  # the task was cancelled: so is the coroutine
-                step = partial(self._coroutine.throw, error)
-            else:
-                step = partial(self._coroutine.send, value)
-            try:
-                waiting = step()
-            except StopIteration:
-                return
 
 
 def _completion(result: object) -> Event:
