@@ -280,3 +280,18 @@ async def test_a_hot_flow_does_nothing_until_a_command_comes(engines: Open, flow
     done = await engine.resume(flow, paused.execution_id, body(ok=True))
     assert (done.status, done.result) == (Status.COMPLETED, result)
     assert runs == (["later"] if flow == "beside" else [])
+
+
+async def test_a_command_that_settles_after_the_engine_stopped_keeps_nothing_hot(engines: Open):
+    """A command still in flight when the engine stops lets its flow go when it settles:
+    no flow is left waiting in memory with nobody to let it go."""
+    runs: list[str] = []
+    engine = await engines(counting_app(runs))
+    await engine.stop()
+
+    await engine.invoke("purchase", body(item="late"))
+    await asyncio.sleep(0)
+
+    flows = [t for t in asyncio.all_tasks() if "Runner._main" in repr(t.get_coro())]
+    assert all(task.done() for task in flows)
+    assert len(engine._driver.hot) == 0

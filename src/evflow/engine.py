@@ -82,7 +82,7 @@ class Engine:
         timer fires again on the next start, or its execution is driven on then); then
         let go of the hot executions."""
         await self.timers.stop(timeout)
-        self._driver.hot.clear()
+        self._driver.hot.close()
 
     async def invoke(
         self, flow_name: str, body: bytes, idempotency_key: str | None = None
@@ -172,7 +172,11 @@ class Engine:
         """
         hot = self._driver.hot.take(execution_id)
         if hot is not None and admission.resumable(hot.state, flow_name, pause, self.clock):
-            flow = self._driver.flow_for(hot.state)
+            try:
+                flow = self._driver.flow_for(hot.state)
+            except BaseException:
+                hot.runner.abandon()  # taken from the cache: nobody else will let it go
+                raise
             try:
                 return await self._driver.answer(flow, hot.history, hot.state, body, key, hot)
             except ConcurrencyError:

@@ -97,8 +97,10 @@ class HotExecutions:
             hot.runner.abandon()
             logger.debug("execution %s is no longer hot", execution_id)
 
-    def clear(self) -> None:
-        """Forget every execution (the engine stops)."""
+    def close(self) -> None:
+        """Forget every execution, and keep none from now on: the engine stops, and a command
+        still in flight lets its flow go when it settles."""
+        self.capacity = 0
         while self._entries:
             _, hot = self._entries.popitem()
             hot.runner.abandon()

@@ -155,16 +155,17 @@ class Outbox:
     async def _publish(self, events: list[StoredEvent]) -> None:
         """Publish a batch, wait for every acknowledgement, then move the checkpoint."""
         acks = []
-        for stored in events:
-            flow = await self._flow_of(stored)
-            message = notification(flow, stored, self._subjects)
-            subject = self._subjects.notification(flow, stored.execution_id, message.kind)
-            headers = {
-                "Nats-Msg-Id": f"{stored.execution_id}:{stored.version}",
-                POSITION_HEADER: str(stored.position),
-            }
-            acks.append(await self._publisher.publish(subject, self._payload(message), headers))
         try:
+            for stored in events:
+                flow = await self._flow_of(stored)
+                message = notification(flow, stored, self._subjects)
+                subject = self._subjects.notification(flow, stored.execution_id, message.kind)
+                headers = {
+                    "Nats-Msg-Id": f"{stored.execution_id}:{stored.version}",
+                    POSITION_HEADER: str(stored.position),
+                }
+                payload = self._payload(message)
+                acks.append(await self._publisher.publish(subject, payload, headers))
             await asyncio.wait_for(asyncio.gather(*acks), self._timeout)
         except BaseException:
             self._publisher.forget()  # the whole batch is published again
