@@ -84,6 +84,10 @@ async def make_engine(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIt
         await store.close()
 
 
+COLD_ONLY = pytest.mark.parametrize("make_engine", [0], indirect=True, ids=["cold"])
+"""For tests of what a replay from the log does: run with no hot executions only."""
+
+
 def body(**values: Any) -> bytes:
     """A JSON command body."""
     return json.dumps(values).encode()
@@ -208,6 +212,7 @@ def failing_app(calls: list[int], seen: list[tuple[str, str, str]], fn: Callable
     return app
 
 
+@COLD_ONLY
 async def test_failing_step_raises_step_error_live_and_on_replay(make_engine: MakeEngine):
     """A step that raises gives the flow a StepError; replay raises the same, without a run.
 
@@ -219,7 +224,7 @@ async def test_failing_step_raises_step_error_live_and_on_replay(make_engine: Ma
         calls.append(1)
         raise ValueError("no stock left")
 
-    engine = await make_engine(failing_app(calls, seen, out_of_stock), hot_executions=0)
+    engine = await make_engine(failing_app(calls, seen, out_of_stock))
     paused = await engine.invoke("fragile", b"")
     done = await engine.resume("fragile", paused.execution_id, body(ok=True))
 
@@ -316,6 +321,7 @@ async def test_context_names_the_execution_and_flow(make_engine: MakeEngine):
     assert state.result == {"execution_id": state.execution_id, "flow": "whoami"}
 
 
+@COLD_ONLY
 async def test_now_is_the_same_instant_live_and_on_replay(make_engine: MakeEngine):
     """ctx.now() is recorded: replay sees what the live run saw, though the clock moved."""
     app = App()
@@ -328,7 +334,7 @@ async def test_now_is_the_same_instant_live_and_on_replay(make_engine: MakeEngin
         await ctx.pause(outputs={"ok": bool})
         return {"before": before.isoformat(), "after": ctx.now().isoformat()}
 
-    engine = await make_engine(app, hot_executions=0)  # the resume replays
+    engine = await make_engine(app)  # cold: the resume replays
     paused = await engine.invoke("timed", b"")
     done = await engine.resume("timed", paused.execution_id, body(ok=True))
 
@@ -340,6 +346,7 @@ async def test_now_is_the_same_instant_live_and_on_replay(make_engine: MakeEngin
     }
 
 
+@COLD_ONLY
 async def test_now_after_a_step_is_the_step_time(make_engine: MakeEngine):
     """After a step, ctx.now() is the step's recorded time, on replay as well."""
     app = App()
@@ -352,7 +359,7 @@ async def test_now_after_a_step_is_the_step_time(make_engine: MakeEngine):
         await ctx.pause(outputs={})
         return ctx.now().isoformat()
 
-    engine = await make_engine(app, hot_executions=0)  # the resume replays
+    engine = await make_engine(app)  # cold: the resume replays
     paused = await engine.invoke("stamped", b"")
     await engine.resume("stamped", paused.execution_id, b"")
 
