@@ -46,12 +46,12 @@ def from_outputs(name: str, outputs: dict[str, Any] | type[msgspec.Struct]) -> t
             return outputs
         return msgspec.defstruct(outputs.__name__, [], bases=(outputs,), forbid_unknown_fields=True)
     if isinstance(outputs, dict):
+        items = tuple(outputs.items())
         try:
-            return _outputs_struct(f"{name}_outputs", tuple(outputs.items()))
-        except TypeError as unhashable:  # a type that cannot key the cache: build it afresh
-            if "unhashable" not in str(unhashable):
-                raise
-            return _struct(f"{name}_outputs", list(outputs.items()))
+            hash(items)
+        except TypeError:  # a type that cannot key the cache: build it afresh each time
+            return _struct(f"{name}_outputs", list(items))
+        return _outputs_struct(f"{name}_outputs", items)
     raise TypeError(
         f"pause '{name}': outputs must be a dict of field name to type or a msgspec Struct "
         f"type, not {type(outputs).__name__}"
