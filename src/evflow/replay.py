@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -54,7 +55,6 @@ from .replay_verdicts import Result, Summary, Verdict, raised_at, unfolded, verd
 from .runtime import Outcome, Runner, WaitedElsewhere
 from .state import ExecutionState, Status, fold
 from .store import EventStore
-from .timers import ManualClock
 
 REPLAY_TIMEOUT = 30.0
 """Seconds one execution's flow code may take to replay before it is reported as an error."""
@@ -107,23 +107,35 @@ async def replay_log(
 async def replay_histories(
     app: App, histories: list[list[StoredEvent] | Verdict], timeout: float = REPLAY_TIMEOUT
 ) -> list[Verdict]:
-    """Replay histories side by side (a verdict given in their place is kept); the verdicts
-    come in the order of the histories.
+    """Replay histories under one timer (a verdict given in their place is kept); the
+    verdicts come in the order of the histories.
 
-    Side by side, the event loop turns once for many replays, not several times for each,
-    and one timer bounds them all. If it fires (some flow code waits on something other
-    than its Context), each is replayed again alone under a timer of its own, so that only
-    the code that waits is reported.
+    Flow code that waits only on its Context replays inline, one execution after another,
+    with no task and no turn of the event loop. Code that waits on anything else is replayed
+    again afterwards, those executions side by side, each in a task of its own. If the
+    timer fires, each execution is replayed again alone under a timer of its own, so that
+    only the code that waits is reported.
     """
     try:
         async with asyncio.timeout(timeout):
-            return await asyncio.gather(*(_replayed(app, history, None) for history in histories))
+            found = [await _inline(app, history) for history in histories]
+            elsewhere = [i for i, verdict in enumerate(found) if verdict is None]
+            replayed = await asyncio.gather(*(_replayed(app, histories[i]) for i in elsewhere))
     except TimeoutError:
         return [await _replayed(app, history, timeout) for history in histories]
+    again = dict(zip(elsewhere, replayed, strict=True))
+    return [again[i] if verdict is None else verdict for i, verdict in enumerate(found)]
+
+
+async def _inline(app: App, history: list[StoredEvent] | Verdict) -> Verdict | None:
+    """The verdict of a replay run inline; None if its flow code waits elsewhere."""
+    if not isinstance(history, list):
+        return history
+    return await _replay(app, history, None, in_task=False)
 
 
 async def _replayed(
-    app: App, history: list[StoredEvent] | Verdict, timeout: float | None
+    app: App, history: list[StoredEvent] | Verdict, timeout: float | None = None
 ) -> Verdict:
     return await replay_execution(app, history, timeout) if isinstance(history, list) else history
 
@@ -158,6 +170,16 @@ async def replay_execution(
 ) -> Verdict:
     """Replay one execution's history against ``app``'s flow code, writing nothing; the
     code may take ``timeout`` seconds (None: no limit of its own)."""
+    verdict = await _replay(app, history, timeout, in_task=True)
+    assert verdict is not None
+    return verdict
+
+
+async def _replay(
+    app: App, history: list[StoredEvent], timeout: float | None, in_task: bool
+) -> Verdict | None:
+    """``replay_execution``; unless ``in_task``, None if the flow code waits on something
+    other than its Context (it would need a task of its own)."""
     try:
         state = fold(history)
     except ValueError as error:
@@ -170,7 +192,7 @@ async def replay_execution(
         return verdict_of(state, "unknown_flow", error.message)
 
     try:
-        return await _Replay(flow, state, history).run(timeout)
+        return await _Replay(flow, state, history).run(timeout, in_task)
     except Exception as error:  # one execution's surprise must not end the whole audit
         message = f"execution {state.execution_id}: replay failed with {raised_at(error)}"
         return verdict_of(state, "error", message)
@@ -205,6 +227,21 @@ class _PastEnd(EvflowError):
     """The flow code went on to a step past the end of its history: replay stops there."""
 
 
+class _StoppedClock:
+    """A replay's clock: it reads the history's last instant, and never moves (the runner
+    settles at a timer rather than sleep, so nothing waits on it)."""
+
+    def __init__(self, at: datetime):
+        self._at = at
+
+    def now(self) -> datetime:
+        return self._at
+
+    async def sleep_until(self, instant: datetime) -> None:
+        if instant > self._at:
+            await asyncio.get_running_loop().create_future()  # forever: bounded by the timeout
+
+
 class _Replay:
     """One execution's replay: the runner that writes nothing, and what the code did."""
 
@@ -212,23 +249,14 @@ class _Replay:
         self.state = state
         self.history = history
         self.operations = max((getattr(s.event, "sequence", 0) for s in history), default=0)
-        self.raised: list[Exception] = []
         self.refused: list[StoredEvent] = []
-        self.flow = msgspec.structs.replace(flow, fn=self._watch(flow))
+        self.flow = flow
+        self.runner = self._runner()
 
-    def _watch(self, flow: FlowDef) -> Any:
-        """The flow function, noting any exception it ends with but non-determinism."""
-
-        async def watched(ctx: Any, **inputs: Any) -> Any:
-            try:
-                return await flow.fn(ctx, **inputs)
-            except NondeterminismError:
-                raise
-            except Exception as error:
-                self.raised.append(error)
-                raise
-
-        return watched
+    @property
+    def raised(self) -> Exception | None:
+        """The exception the flow code ended with, if any (non-determinism aside)."""
+        return self.runner.raised
 
     async def _refuse(
         self, execution_id: str, expected: int, events: list[StoredEvent]
@@ -238,20 +266,22 @@ class _Replay:
         raise _PastEnd(f"execution {execution_id}: replay writes nothing")
 
     def _runner(self) -> Runner:
-        clock = ManualClock(self.history[-1].at)  # never advanced: nothing waits on it
+        clock = _StoppedClock(self.history[-1].at)
         return Runner(self.flow, self.state.execution_id, self.history, [], clock, self._refuse)
 
-    async def run(self, timeout: float | None) -> Verdict:
-        """Replay the history to its end and judge where the code got to."""
-        runner = self._runner()
+    async def run(self, timeout: float | None, in_task: bool = True) -> Verdict | None:
+        """Replay the history to its end and judge where the code got to; None if the code
+        waits on something other than its Context and may not have a task (``in_task``)."""
+        runner = self.runner
         limit = asyncio.timeout(timeout) if timeout is not None else contextlib.nullcontext()
         try:
             async with limit:  # no task of its own, unlike wait_for
                 try:
                     outcome: Outcome | None = await runner.start(inline=True)
                 except WaitedElsewhere:  # code that waits elsewhere gets a task of its own
-                    self.raised.clear()
-                    runner = self._runner()
+                    if not in_task:
+                        return None
+                    runner = self.runner = self._runner()
                     outcome = await runner.start()
         except _PastEnd:
             outcome = None
@@ -274,8 +304,8 @@ class _Replay:
     def _nondeterminism(self, error: NondeterminismError) -> Verdict:
         """The runner's fault: another operation, an early end, inputs that no longer fit."""
         where = {key: error.details.get(key) for key in ("sequence", "recorded", "issued")}
-        if self.raised and where["issued"] == ExecutionFailed.kind:
-            raised = self.raised[0]
+        raised = self.raised
+        if raised is not None and where["issued"] == ExecutionFailed.kind:
             message = (
                 f"execution {self.state.execution_id}: the flow code raised {raised_at(raised)} "
                 f"where the history records {quoted(str(where['recorded']))} (operation "
@@ -303,10 +333,10 @@ class _Replay:
             "recorded": _end_text(recorded),
             "issued": _end_text(issued),
         }
-        if self.raised and isinstance(issued, ExecutionFailed):
+        if self.raised is not None and isinstance(issued, ExecutionFailed):
             message = (
                 f"execution {self.state.execution_id}: the flow code raised "
-                f"{raised_at(self.raised[0])} where the history records {where['recorded']}"
+                f"{raised_at(self.raised)} where the history records {where['recorded']}"
             )
             return verdict_of(self.state, "error", message, **where)
         message = (

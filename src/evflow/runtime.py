@@ -91,6 +91,7 @@ class Runner:
         self._inline: Coroutine[Any, Any, None] | None = None
         self._error: EvflowError | None = None
         self._closed = False
+        self.raised: Exception | None = None  # what the flow code ended with, if it raised
 
     def now(self) -> datetime:
         """The engine clock's current instant, for decisions about time (deadlines)."""
@@ -269,6 +270,8 @@ class Runner:
             except (_Aborted, asyncio.CancelledError):
                 raise
             except Exception as error:
+                if not isinstance(error, NondeterminismError):
+                    self.raised = error
                 self._end(ExecutionFailed(type(error).__name__, str(error)))
             else:
                 self._end(_completion(result))
