@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT))  # the example flows live in examples/
 
 from examples.flows import app as example_app  # noqa: E402
 
+from cluster import NatsCluster  # noqa: E402
 from processes import spawn  # noqa: E402, F401  (a fixture: evflow commands as children)
 
 
@@ -54,3 +55,14 @@ async def client(nats_server: NatsServer, engine_server: Server) -> AsyncIterato
     client = await Client.connect(nats_server.url)
     yield client
     await client.close()
+
+
+@pytest.fixture
+async def nats_cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
+    """A three-node JetStream cluster on free loopback ports, data in a temp folder."""
+    cluster = NatsCluster(tmp_path / "cluster")
+    try:
+        await cluster.start()
+        yield cluster
+    finally:
+        await cluster.stop()

@@ -74,12 +74,20 @@ class NatsServer:
         store_dir: JetStream's data folder.
         port: the client port; 0 picks a free one.
         host: the address to listen on.
+        config: a configuration file for what flags do not say (a cluster's routes).
     """
 
-    def __init__(self, store_dir: str | Path, port: int = 4222, host: str = "127.0.0.1"):
+    def __init__(
+        self,
+        store_dir: str | Path,
+        port: int = 4222,
+        host: str = "127.0.0.1",
+        config: Path | None = None,
+    ):
         self.store_dir = Path(store_dir)
         self.host = host
         self.port = port
+        self.config = config
         self._process: asyncio.subprocess.Process | None = None
         self._drain: asyncio.Task[None] | None = None
 
@@ -98,6 +106,8 @@ class NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         port = str(self.port or -1)  # nats-server reads -1 as "any free port"; 0 as 4222
         args = ["-a", self.host, "-p", port, "-js", "-sd", str(self.store_dir)]
+        if self.config is not None:
+            args += ["-c", str(self.config)]
         self._process = await asyncio.create_subprocess_exec(
             str(find_binary()),
             *args,
