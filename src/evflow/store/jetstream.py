@@ -1,0 +1,608 @@
+"""The log on NATS JetStream: one replicated stream, for several engines on a NATS cluster.
+
+Work in progress for issue 7: every part of the store contract but import is built and
+passes the contract tests on one nats-server; import raises ``StoreError``, the start-up
+scans and the listing read the whole log (see ``_ends``), and ``open_store`` does not
+offer this backend yet.
+
+Layout, in the stream ``EVFLOW_LOG`` (file storage, replicas configurable):
+
+- ``evflow.log.ex.<execution_id>``: the execution's events, one message each, in version
+  order. A message's stream sequence is the event's position in the log.
+- ``evflow.log.key.<sha256 of scope>``: an idempotency scope's claim, naming the execution
+  and version of the event that claimed it.
+
+An append is one atomic batch (nats-server 2.12 or later, ``allow_atomic``): the claims of
+its scopes, then its events. Its first event carries ``Nats-Expected-Last-Subject-Sequence``
+(the sequence of the execution's latest event, 0 for a new one): the version check. Each
+claim expects its subject to be empty: a scope is claimed once, in the same step as the
+events that claim it, so no crash can leave an event without its claim or the reverse.
+(The issue proposed a key-value bucket for the claims; a bucket is another stream, which
+an atomic batch cannot reach.) Either the whole batch is stored or none of it.
+
+The message body is the event as the SQLite log stores it, with its hash chain: an
+export of either log is verified the same way. Reads use direct gets (``allow_direct``),
+which any replica answers, in batches.
+
+Checkpoints live in the key-value bucket ``EVFLOW_CHECKPOINTS``; a save moves one forward
+by compare-and-set, so two engines never move it back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import nats
+from msgspec import Raw
+from msgspec.structs import replace
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+
+from ..chain import Record
+from ..errors import ConcurrencyError, DuplicateCommand, EvflowError, StoreError
+from ..events import SETTLING, ExecutionStarted, StoredEvent
+from ..state import Status, status_after
+from ..subjects import token
+from ..timers import Timer, pending_timer
+from . import ExecutionSummary, check_append
+from .rows import chained_row, record, stored_event
+
+logger = logging.getLogger(__name__)
+
+_WRONG_LAST_SEQUENCE = 10071
+_BATCH_DUPLICATE_ID = 10201
+_DIRECT_BATCH = 256
+"""Messages asked for at once from a direct get."""
+_INFLIGHT = 32
+"""Appends published at once: the server bounds the atomic batches in flight per stream."""
+_HEADS = 65_536
+"""Execution heads remembered, so an append need not read its execution's latest event."""
+
+
+class _Entry(msgspec.Struct, array_like=True, frozen=True):
+    """An event's message body: the columns the SQLite log stores for it."""
+
+    execution_id: str
+    version: int
+    type: str
+    schema_version: int
+    at: str
+    data: Raw
+    prev_hash: str | None
+    hash: str | None
+    scope: str | None
+
+
+class _Claim(msgspec.Struct, frozen=True):
+    """A scope claim's message body: which event claimed it."""
+
+    execution_id: str
+    version: int
+
+
+class _Head(msgspec.Struct, frozen=True):
+    """Where an execution stands: its latest version, that event's hash and sequence."""
+
+    version: int
+    hash: str | None
+    sequence: int
+
+
+_NO_HEAD = _Head(0, None, 0)
+_encode = msgspec.json.Encoder().encode
+_decode_entry = msgspec.json.Decoder(_Entry).decode
+_decode_claim = msgspec.json.Decoder(_Claim).decode
+
+
+class JetStreamStore:
+    """The log in a JetStream stream; see the module's docstring.
+
+    Args:
+        servers: NATS URLs (several for a cluster: the client fails over between them).
+        replicas: copies JetStream keeps of the stream and the checkpoint bucket.
+        timeout: seconds to wait for JetStream to answer one request.
+        name: the log's name: ``EVFLOW`` gives the stream ``EVFLOW_LOG``, its subjects
+            ``evflow.log.>`` and the bucket ``EVFLOW_CHECKPOINTS``; another name gives a
+            separate log on the same servers.
+    """
+
+    def __init__(
+        self,
+        servers: str | list[str],
+        replicas: int = 1,
+        timeout: float = 5.0,
+        name: str = "EVFLOW",
+    ):
+        self.servers = [servers] if isinstance(servers, str) else list(servers)
+        self.replicas = replicas
+        self.timeout = timeout
+        self.stream = f"{token(name, 'log name')}_LOG"
+        self.bucket = f"{name}_CHECKPOINTS"
+        self._events = f"{name.lower()}.log.ex"
+        self._claims = f"{name.lower()}.log.key"
+        self.read_only = False
+        self._nc: NATS | None = None
+        self._kv: Any = None
+        self._heads: OrderedDict[str, _Head] = OrderedDict()
+        self._inflight = asyncio.Semaphore(_INFLIGHT)
+        self._appending = 0  # appends under way, which close lets finish
+        self._finished = asyncio.Event()
+        self._closing = False
+
+    async def open(self) -> None:
+        """Connect, and create the stream and the checkpoint bucket if they are missing."""
+        self._closing = False
+        try:
+            self._nc = await nats.connect(servers=self.servers, max_reconnect_attempts=-1)
+        except Exception as error:
+            raise StoreError(
+                f"cannot reach NATS at {', '.join(self.servers)} for the JetStream log "
+                f"({error}); start nats-server with -js, or check the URL"
+            ) from error
+        await self._ensure_stream()
+        js = self._nc.jetstream(timeout=self.timeout)
+        self._kv = await js.create_key_value(bucket=self.bucket, history=1, replicas=self.replicas)
+        logger.info("opened the JetStream log %s on %s", self.stream, ", ".join(self.servers))
+
+    async def _ensure_stream(self) -> None:
+        config = {
+            "name": self.stream,
+            "subjects": [f"{self._events}.*", f"{self._claims}.*"],
+            "storage": "file",
+            "num_replicas": self.replicas,
+            "allow_atomic": True,
+            "allow_direct": True,
+            "deny_delete": True,
+            "deny_purge": True,
+            "duplicate_window": 120_000_000_000,
+        }
+        reply = await self._api(f"$JS.API.STREAM.CREATE.{self.stream}", config)
+        error = reply.get("error")
+        if error and error.get("err_code") != 10058:  # 10058: it exists, perhaps as configured
+            refused = error.get("description")
+            raise StoreError(
+                f"JetStream refused to create the stream {self.stream} ({refused}); the "
+                "server must be nats-server 2.12 or later with JetStream enabled"
+            )
+
+    async def close(self) -> None:
+        """Refuse new appends, let those under way finish, then disconnect."""
+        if self._nc is None:
+            return
+        self._closing = True
+        while self._appending:
+            self._finished.clear()
+            await self._finished.wait()
+        nc, self._nc = self._nc, None
+        await nc.drain()
+
+    # appending
+
+    async def append(
+        self, execution_id: str, expected_version: int, events: Sequence[StoredEvent]
+    ) -> list[StoredEvent]:
+        """Durably append ``events`` after ``expected_version``; see ``EventStore``."""
+        if self._closing:
+            raise StoreError("the JetStream log is closing; open it again before appending")
+        self._appending += 1
+        try:
+            return await self._append(execution_id, expected_version, events)
+        finally:
+            self._appending -= 1
+            self._finished.set()
+
+    async def _append(
+        self, execution_id: str, expected_version: int, events: Sequence[StoredEvent]
+    ) -> list[StoredEvent]:
+        nc = self._connected("appending")
+        check_append(execution_id, expected_version, events)
+        subject = self._subject(execution_id)
+        head = await self._head(execution_id, expected_version)
+        if head.version != expected_version:
+            raise _clash(execution_id, head.version, expected_version)
+
+        rows, prev_hash = [], head.hash
+        for item in events:
+            row = chained_row(item, prev_hash)
+            rows.append(row)
+            prev_hash = row[7]  # type: ignore[assignment]
+        claims = [(row[8], item) for row, item in zip(rows, events, strict=True) if row[8]]
+        messages = [
+            (self._claim_subject(scope), _encode(_Claim(item.execution_id, item.version)),  # type: ignore[arg-type]
+             {"Nats-Expected-Last-Subject-Sequence": "0"})
+            for scope, item in claims
+        ]  # fmt: skip
+        for index, row in enumerate(rows):
+            headers = {"Nats-Msg-Id": f"{execution_id}:{row[1]}"}
+            if index == 0:
+                headers["Nats-Expected-Last-Subject-Sequence"] = str(head.sequence)
+            messages.append((subject, _encode(_Entry(*row[:5], Raw(row[5]), *row[6:])), headers))  # type: ignore[arg-type]
+
+        async with self._inflight:
+            ack = await _atomic_batch(nc, messages, self.timeout, self.stream)
+        if "error" in ack:
+            self._heads.pop(execution_id, None)
+            raise await self._refusal(execution_id, expected_version, claims, ack["error"])
+
+        last = ack["seq"]
+        stored = [
+            replace(item, position=last - len(rows) + offset + 1, prev_hash=row[6], hash=row[7])
+            for offset, (item, row) in enumerate(zip(events, rows, strict=True))
+        ]
+        self._remember(execution_id, _Head(stored[-1].version, stored[-1].hash, last))
+        return stored
+
+    async def _head(self, execution_id: str, expected_version: int) -> _Head:
+        """The head an append is judged against: the one remembered if it agrees, else the
+        execution's latest event, read."""
+        if expected_version == 0:
+            return (
+                _NO_HEAD if execution_id not in self._heads else await self._read_head(execution_id)
+            )
+        known = self._heads.get(execution_id)
+        if known is not None and known.version == expected_version:
+            return known
+        return await self._read_head(execution_id)
+
+    async def _read_head(self, execution_id: str) -> _Head:
+        msg = await self._direct_one({"last_by_subj": self._subject(execution_id)})
+        if msg is None:
+            return _NO_HEAD
+        entry = _decode_entry(msg.data)
+        return _Head(entry.version, entry.hash, _sequence(msg))
+
+    def _remember(self, execution_id: str, head: _Head) -> None:
+        self._heads[execution_id] = head
+        self._heads.move_to_end(execution_id)
+        if len(self._heads) > _HEADS:
+            self._heads.popitem(last=False)
+
+    async def _refusal(
+        self,
+        execution_id: str,
+        expected_version: int,
+        claims: list[tuple[Any, StoredEvent]],
+        error: dict[str, Any],
+    ) -> EvflowError:
+        """Why JetStream refused an append: the version moved on, or a scope was claimed."""
+        if error.get("err_code") not in (_WRONG_LAST_SEQUENCE, _BATCH_DUPLICATE_ID):
+            return StoreError(
+                f"JetStream refused an append to execution {execution_id} "
+                f"({error.get('description')}); nothing was appended",
+                execution_id=execution_id,
+            )
+        head = await self._read_head(execution_id)
+        if head.version != expected_version:
+            return _clash(execution_id, head.version, expected_version)
+        for scope, item in claims:
+            if await self.find_command(scope) is not None:
+                return DuplicateCommand(
+                    f"idempotency scope {scope} was already claimed",
+                    execution_id=item.execution_id,
+                    scope=scope,
+                )
+        return StoreError(
+            f"JetStream refused an append to execution {execution_id} "
+            f"({error.get('description')}) though its version and scopes are free; "
+            "nothing was appended: try again",
+            execution_id=execution_id,
+        )
+
+    # reading
+
+    async def read(self, execution_id: str, to_version: int | None = None) -> list[StoredEvent]:
+        """One execution's events in version order, up to ``to_version`` if given."""
+        events = [
+            _stored(msg)
+            for msg in await self._direct_all(self._subject(execution_id), 1, to_version)
+        ]
+        return events
+
+    async def read_many(self, execution_ids: Sequence[str]) -> dict[str, list[StoredEvent]]:
+        """Several executions' events at once; see ``EventStore``."""
+        found = {}
+        for execution_id in dict.fromkeys(execution_ids):
+            events = await self.read(execution_id)
+            if events:
+                found[execution_id] = events
+        return found
+
+    async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[StoredEvent]:
+        """Events of all executions in global order, after ``after_position``."""
+        messages = await self._direct_all(f"{self._events}.*", after_position + 1, limit)
+        return [_stored(msg) for msg in messages]
+
+    async def records(
+        self, after_position: int = 0, limit: int = 1000, execution_id: str | None = None
+    ) -> list[Record]:
+        """Events exactly as stored, in log order; see ``EventStore``."""
+        subject = self._subject(execution_id) if execution_id is not None else f"{self._events}.*"
+        messages = await self._direct_all(subject, after_position + 1, limit)
+        return [_record(msg) for msg in messages]
+
+    async def is_empty(self) -> bool:
+        """True when the log holds no event."""
+        return await self.last_position() == 0
+
+    async def last_position(self) -> int:
+        """The position of the latest event in the log; 0 when it is empty. An append's
+        claims precede its events, so the stream's last message is always an event."""
+        reply = await self._api(f"$JS.API.STREAM.INFO.{self.stream}", {})
+        return int(reply.get("state", {}).get("last_seq", 0))
+
+    async def find_command(self, scope: str) -> StoredEvent | None:
+        """The event that claimed an idempotency scope, if any."""
+        msg = await self._direct_one({"last_by_subj": self._claim_subject(scope)})
+        if msg is None:
+            return None
+        claim = _decode_claim(msg.data)
+        events = await self.read(claim.execution_id, claim.version)
+        return events[-1] if events and events[-1].version == claim.version else None
+
+    # checkpoints
+
+    async def load_checkpoint(self, name: str) -> int:
+        """The position checkpoint ``name`` was saved at, 0 if never; see ``EventStore``."""
+        self._connected("loading a checkpoint")
+        try:
+            entry = await self._kv.get(name)
+        except KeyNotFoundError:
+            return 0
+        return int(entry.value or b"0")
+
+    async def save_checkpoint(self, name: str, position: int) -> None:
+        """Move checkpoint ``name`` forward to ``position``, never back (compare-and-set)."""
+        self._connected("saving a checkpoint")
+        while True:
+            try:
+                entry = await self._kv.get(name)
+            except KeyNotFoundError:
+                try:
+                    await self._kv.create(name, str(position).encode())
+                    return
+                except KeyWrongLastSequenceError:
+                    continue  # another engine created it first: judge against its value
+            if int(entry.value or b"0") >= position:
+                return
+            try:
+                await self._kv.update(name, str(position).encode(), last=entry.revision)
+                return
+            except KeyWrongLastSequenceError:
+                continue
+
+    # scans: start-up and listing
+
+    async def unsettled(self) -> list[str]:
+        """Executions whose last event leaves them running, in the order of those events."""
+        ends = await self._ends(None)
+        latest = sorted(ends.values(), key=lambda end: end[1].position)
+        return [last.execution_id for _, last in latest if not isinstance(last.event, SETTLING)]
+
+    async def pending_timers(self) -> list[Timer]:
+        """The timer of every execution whose latest event starts one; see ``EventStore``."""
+        timers = []
+        for first, last in (await self._ends(None)).values():
+            assert isinstance(first.event, ExecutionStarted)
+            timer = pending_timer(first.event.flow, last)
+            if timer is not None:
+                timers.append(timer)
+        return timers
+
+    async def list_executions(
+        self,
+        flow: str | None = None,
+        status: Status | None = None,
+        limit: int = 100,
+        before_position: int | None = None,
+        as_of_position: int | None = None,
+    ) -> list[ExecutionSummary]:
+        """Executions as the log stood at ``as_of_position``, newest change first; see
+        ``EventStore``."""
+        rows = [
+            _summary(first, last)
+            for first, last in (await self._ends(as_of_position)).values()
+            if before_position is None or last.position < before_position
+        ]
+        rows = [
+            row
+            for row in rows
+            if (flow is None or row.flow == flow) and (status is None or row.status is status)
+        ]
+        rows.sort(key=lambda row: row.position, reverse=True)
+        return rows[: max(limit, 0)]
+
+    async def _ends(self, as_of_position: int | None) -> dict[str, tuple[StoredEvent, StoredEvent]]:
+        """Each execution's first and latest events, as of a position (the end if None).
+
+        Known limit: this reads the whole log, a page at a time, so start-up and each
+        listing cost time in proportion to the log's size; a projection kept in a
+        key-value bucket, rebuilt from the log, would bound it (issue 7).
+        """
+        ends: dict[str, tuple[StoredEvent, StoredEvent]] = {}
+        after = 0
+        while True:
+            page = await self.read_all(after, _DIRECT_BATCH * 4)
+            for stored in page:
+                if as_of_position is not None and stored.position > as_of_position:
+                    return ends
+                first = ends.get(stored.execution_id, (stored, stored))[0]
+                ends[stored.execution_id] = (first, stored)
+            if not page:
+                return ends
+            after = page[-1].position
+
+    # not built yet (issue 7)
+
+    async def import_records(self, records: Sequence[Record]) -> None:
+        """Not built yet for JetStream (issue 7)."""
+        raise _not_built("import")
+
+    # NATS requests
+
+    def _subject(self, execution_id: str) -> str:
+        """The subject of an execution's events."""
+        try:
+            return f"{self._events}.{token(execution_id, 'execution_id')}"
+        except EvflowError as error:
+            raise StoreError(error.message, execution_id=execution_id) from None
+
+    def _claim_subject(self, scope: str) -> str:
+        """The subject of a scope's claim: any scope text becomes one token."""
+        return f"{self._claims}.{hashlib.sha256(scope.encode()).hexdigest()}"
+
+    def _connected(self, doing: str) -> NATS:
+        if self._nc is None or self._nc.is_closed:
+            raise StoreError(f"the JetStream log is closed; open it before {doing}")
+        return self._nc
+
+    async def _api(self, subject: str, body: dict[str, Any]) -> dict[str, Any]:
+        nc = self._connected("asking JetStream")
+        try:
+            reply = await nc.request(subject, _encode(body), timeout=self.timeout)
+        except Exception as error:
+            raise StoreError(f"JetStream did not answer {subject} ({error!r})") from error
+        return msgspec.json.decode(reply.data)
+
+    async def _direct_one(self, request: dict[str, Any]) -> Msg | None:
+        """One message by direct get, or None if there is none."""
+        nc = self._connected("reading")
+        try:
+            msg = await nc.request(
+                f"$JS.API.DIRECT.GET.{self.stream}", _encode(request), timeout=self.timeout
+            )
+        except Exception as error:
+            raise StoreError(
+                f"JetStream did not answer a read of {self.stream} ({error!r})"
+            ) from error
+        status = msg.headers.get("Status") if msg.headers else None
+        if status == "404":
+            return None
+        if status is not None:
+            raise StoreError(f"JetStream refused a read of {self.stream}: {msg.headers}")
+        return msg
+
+    async def _direct_all(self, subject: str, first: int, limit: int | None) -> list[Msg]:
+        """The messages on ``subject`` from sequence ``first``, up to ``limit`` of them (all
+        if None), in order, by batched direct gets."""
+        found: list[Msg] = []
+        sequence = first
+        while limit is None or len(found) < limit:
+            want = _DIRECT_BATCH if limit is None else min(_DIRECT_BATCH, limit - len(found))
+            page, pending = await self._direct_batch(subject, sequence, want)
+            found += page
+            if not page or not pending:
+                break
+            sequence = _sequence(page[-1]) + 1
+        return found
+
+    async def _direct_batch(self, subject: str, sequence: int, batch: int) -> tuple[list[Msg], int]:
+        nc = self._connected("reading")
+        inbox = nc.new_inbox()
+        subscription = await nc.subscribe(inbox)
+        request = {"next_by_subj": subject, "seq": sequence, "batch": batch}
+        try:
+            await nc.publish(f"$JS.API.DIRECT.GET.{self.stream}", _encode(request), reply=inbox)
+            page: list[Msg] = []
+            while True:
+                msg = await subscription.next_msg(timeout=self.timeout)
+                status = msg.headers.get("Status") if msg.headers else None
+                if status is None:
+                    page.append(msg)
+                    continue
+                if status == "404":
+                    return page, 0
+                if status == "204":
+                    return page, int(msg.headers.get("Nats-Num-Pending", "0"))
+                raise StoreError(f"JetStream refused a read of {self.stream}: {msg.headers}")
+        except nats.errors.TimeoutError as error:
+            raise StoreError(f"JetStream did not answer a read of {self.stream} in time") from error
+        finally:
+            await subscription.unsubscribe()
+
+
+async def _atomic_batch(
+    nc: NATS, messages: list[tuple[str, bytes, dict[str, str]]], timeout: float, stream: str
+) -> dict[str, Any]:
+    """Publish ``messages`` as one atomic batch and return JetStream's answer to its commit."""
+    batch = hashlib.sha256(nc.new_inbox().encode()).hexdigest()[:32]
+    inbox = nc.new_inbox()
+    subscription = await nc.subscribe(inbox, max_msgs=1)
+    try:
+        for number, (subject, payload, headers) in enumerate(messages, start=1):
+            headers = {**headers, "Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(number)}
+            if number == len(messages):
+                headers["Nats-Batch-Commit"] = "1"
+                await nc.publish(subject, payload, reply=inbox, headers=headers)
+            else:
+                await nc.publish(subject, payload, headers=headers)
+        try:
+            reply = await subscription.next_msg(timeout=timeout)
+        except nats.errors.TimeoutError as error:
+            raise StoreError(
+                "JetStream did not acknowledge an append in time; it may or may not have "
+                "been stored: read the execution again before retrying"
+            ) from error
+    finally:
+        await subscription.unsubscribe()
+    if reply.headers and reply.headers.get("Status") == "503":
+        raise StoreError(f"no JetStream stream {stream} answers appends; open the store first")
+    return msgspec.json.decode(reply.data)
+
+
+def _sequence(msg: Msg) -> int:
+    assert msg.headers is not None
+    return int(msg.headers["Nats-Sequence"])
+
+
+def _stored(msg: Msg) -> StoredEvent:
+    entry = _decode_entry(msg.data)
+    return stored_event(
+        _sequence(msg), entry.execution_id, entry.version, entry.type, entry.schema_version,
+        entry.at, bytes(entry.data).decode(), entry.prev_hash, entry.hash,
+    )  # fmt: skip
+
+
+def _record(msg: Msg) -> Record:
+    entry = _decode_entry(msg.data)
+    return record(
+        _sequence(msg), entry.execution_id, entry.version, entry.type, entry.schema_version,
+        entry.at, bytes(entry.data).decode(), entry.prev_hash, entry.hash, entry.scope,
+    )  # fmt: skip
+
+
+def _summary(first: StoredEvent, last: StoredEvent) -> ExecutionSummary:
+    """A listing row from an execution's first and latest events."""
+    started = first.event
+    assert isinstance(started, ExecutionStarted)
+    return ExecutionSummary(
+        execution_id=first.execution_id,
+        flow=started.flow,
+        flow_version=started.flow_version,
+        status=status_after(type(last.event).__name__),
+        version=last.version,
+        started_at=first.at,
+        updated_at=last.at,
+        position=last.position,
+    )
+
+
+def _clash(execution_id: str, current: int, expected: int) -> ConcurrencyError:
+    return ConcurrencyError(
+        f"execution {execution_id} is at version {current}, not {expected}: another writer "
+        "appended first; re-read it",
+        execution_id=execution_id,
+        version=current,
+    )
+
+
+def _not_built(what: str) -> StoreError:
+    return StoreError(
+        f"{what} is not built yet for the JetStream log (issue 7); use the SQLite log"
+    )
