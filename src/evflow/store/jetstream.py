@@ -1,9 +1,8 @@
 """The log on NATS JetStream: one replicated stream, for several engines on a NATS cluster.
 
-Work in progress for issue 7: every part of the store contract but import is built and
-passes the contract tests on one nats-server; import raises ``StoreError``, the start-up
-scans and the listing read the whole log (see ``_ends``), and ``open_store`` does not
-offer this backend yet.
+Work in progress for issue 7: the store passes the store contract on one nats-server;
+the start-up scans and the listing read the whole log (see ``_ends``), and ``open_store``
+does not offer this backend yet.
 
 Layout, in the stream ``EVFLOW_LOG`` (file storage, replicas configurable):
 
@@ -11,6 +10,8 @@ Layout, in the stream ``EVFLOW_LOG`` (file storage, replicas configurable):
   order. A message's stream sequence is the event's position in the log.
 - ``evflow.log.key.<sha256 of scope>``: an idempotency scope's claim, naming the execution
   and version of the event that claimed it.
+- ``evflow.log.gap``: empty messages that keep an import's positions where its source had
+  none (see ``import_records``).
 
 An append is one atomic batch (nats-server 2.12 or later, ``allow_atomic``): the claims of
 its scopes, then its events. Its first event carries ``Nats-Expected-Last-Subject-Sequence``
@@ -127,6 +128,7 @@ class JetStreamStore:
         self.bucket = f"{name}_CHECKPOINTS"
         self._events = f"{name.lower()}.log.ex"
         self._claims = f"{name.lower()}.log.key"
+        self._gaps = f"{name.lower()}.log.gap"
         self.read_only = False
         self._nc: NATS | None = None
         self._kv: Any = None
@@ -154,7 +156,7 @@ class JetStreamStore:
     async def _ensure_stream(self) -> None:
         config = {
             "name": self.stream,
-            "subjects": [f"{self._events}.*", f"{self._claims}.*"],
+            "subjects": [f"{self._events}.*", f"{self._claims}.*", self._gaps],
             "storage": "file",
             "num_replicas": self.replicas,
             "allow_atomic": True,
@@ -332,10 +334,9 @@ class JetStreamStore:
         return await self.last_position() == 0
 
     async def last_position(self) -> int:
-        """The position of the latest event in the log; 0 when it is empty. An append's
-        claims precede its events, so the stream's last message is always an event."""
-        reply = await self._api(f"$JS.API.STREAM.INFO.{self.stream}", {})
-        return int(reply.get("state", {}).get("last_seq", 0))
+        """The position of the latest event in the log; 0 when it is empty."""
+        msg = await self._direct_one({"last_by_subj": f"{self._events}.*"})
+        return 0 if msg is None else _sequence(msg)
 
     async def find_command(self, scope: str) -> StoredEvent | None:
         """The event that claimed an idempotency scope, if any."""
@@ -438,11 +439,49 @@ class JetStreamStore:
                 return ends
             after = page[-1].position
 
-    # not built yet (issue 7)
+    # import
 
     async def import_records(self, records: Sequence[Record]) -> None:
-        """Not built yet for JetStream (issue 7)."""
-        raise _not_built("import")
+        """Write exported records into this empty log, positions and hashes kept.
+
+        Each record is stored at its position: a position the source skipped (a claim in a
+        JetStream source) is filled by a message on the gap subject. The claims of the
+        records' scopes follow the last record. Each message expects the stream's last
+        sequence to be the one before it, so nothing else can slip in between.
+
+        Known limit: unlike SQLite's, this import is not one transaction. A failure part
+        way leaves a partial log; remove the stream (``nats stream rm``) and import again.
+        """
+        nc = self._connected("importing")
+        if await self._stream_last() != 0:
+            raise StoreError(
+                f"the JetStream log {self.stream} is not empty; import only into a new log"
+            )
+        js = nc.jetstream(timeout=self.timeout)
+        last = 0
+        for item in records:
+            if item.position <= last:
+                raise StoreError(
+                    f"record of execution {item.execution_id} version {item.version} is at "
+                    f"position {item.position}, not after {last}: import records in log order",
+                    execution_id=item.execution_id,
+                )
+            while last + 1 < item.position:
+                last = await _stored_at(js, self._gaps, b"", last)
+            entry = _Entry(
+                item.execution_id, item.version, item.type, item.schema_version, item.at,
+                item.data, item.prev_hash, item.hash, item.scope,
+            )  # fmt: skip
+            last = await _stored_at(js, self._subject(item.execution_id), _encode(entry), last)
+        for item in records:
+            if item.scope is not None:
+                claim = _encode(_Claim(item.execution_id, item.version))
+                await _stored_at(js, self._claim_subject(item.scope), claim, None)
+        self._heads.clear()
+
+    async def _stream_last(self) -> int:
+        reply = await self._api(f"$JS.API.STREAM.INFO.{self.stream}", {})
+        return int(reply.get("state", {}).get("last_seq", 0))
 
     # NATS requests
 
@@ -527,6 +566,21 @@ class JetStreamStore:
             await subscription.unsubscribe()
 
 
+async def _stored_at(js: Any, subject: str, payload: bytes, after: int | None) -> int:
+    """Publish one message, right after sequence ``after`` if given (else on an empty
+    subject), and return its sequence."""
+    headers = (
+        {"Nats-Expected-Last-Sequence": str(after)}
+        if after is not None
+        else {"Nats-Expected-Last-Subject-Sequence": "0"}
+    )
+    try:
+        ack = await js.publish(subject, payload, headers=headers)
+    except Exception as error:
+        raise StoreError(f"JetStream refused an imported message on {subject} ({error})") from error
+    return int(ack.seq)
+
+
 async def _atomic_batch(
     nc: NATS, messages: list[tuple[str, bytes, dict[str, str]]], timeout: float, stream: str
 ) -> dict[str, Any]:
@@ -599,10 +653,4 @@ def _clash(execution_id: str, current: int, expected: int) -> ConcurrencyError:
         "appended first; re-read it",
         execution_id=execution_id,
         version=current,
-    )
-
-
-def _not_built(what: str) -> StoreError:
-    return StoreError(
-        f"{what} is not built yet for the JetStream log (issue 7); use the SQLite log"
     )
