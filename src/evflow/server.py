@@ -72,7 +72,9 @@ class Server:
         """Open the log, connect, drive on interrupted executions, start the timers, then
         take commands."""
         spec = self._store_spec
-        self.store = await open_store(spec) if isinstance(spec, str) else spec
+        self.store = (
+            await open_store(spec, nats_url=self.nats_url) if isinstance(spec, str) else spec
+        )
         self.nc = await self._connect()
         streams = Streams(self.nc, self.subjects, self._stream_settings)
         await streams.ensure()

@@ -31,7 +31,10 @@ store_option = click.option(
     envvar="EVFLOW_STORE",
     default=DEFAULT_STORE,
     show_default=True,
-    help="The event log, sqlite:///PATH (env EVFLOW_STORE).",
+    help=(
+        "The event log: sqlite:///PATH, or a JetStream log as nats://HOST:PORT[,...]"
+        "[?replicas=N] or jetstream (on evflow's NATS server) (env EVFLOW_STORE)."
+    ),
 )
 """The log a command reads or writes; ``serve`` and the offline audit commands share it."""
 

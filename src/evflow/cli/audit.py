@@ -19,7 +19,7 @@ import msgspec
 from .. import audit
 from ..chain import Verdict
 from ..errors import EvflowError
-from ..store import MAX_POSITION, EventStore, open_store, store_path
+from ..store import MAX_POSITION, EventStore, SqliteLog, open_store, parse_store
 from . import err, main, out, store_option
 
 FAILED = 2
@@ -116,7 +116,8 @@ def import_(store: str, export_file: Path) -> None:
     the original's chains.
     """
     records = _guarded(lambda: audit.checked_export(export_file))
-    if _guarded(lambda: store_path(store)).exists():
+    log = _guarded(lambda: parse_store(store))
+    if isinstance(log, SqliteLog) and log.path.exists():
         _on_store(store, audit.require_empty)  # read-only: a refused log is left untouched
     count = _on_store(
         store, lambda s: audit.import_records(s, records, export_file), read_only=False

@@ -18,7 +18,7 @@ from rich.text import Text
 from ..errors import EvflowError
 from ..flow import App
 from ..replay import Summary, Verdict, execution_ids, quoted, replay_log
-from ..store import open_store, store_path
+from ..store import open_store, parse_store
 from . import err, main, out, store_option
 from .serve import load_app
 
@@ -56,7 +56,7 @@ def replay(
             param_hint="--flow",
         )
     try:
-        store_path(store)
+        parse_store(store)
     except EvflowError as error:
         raise click.BadParameter(error.message, param_hint="--store") from None
 

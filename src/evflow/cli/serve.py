@@ -20,7 +20,7 @@ from ..flow import App
 from ..hot import DEFAULT_CAPACITY
 from ..nats_server import NatsServer
 from ..server import Server
-from ..store import store_path
+from ..store import SqliteLog, parse_store
 from ..streams import StreamSettings, parse_duration
 from . import err, main, store_option
 
@@ -220,7 +220,7 @@ async def _until_stopped(stop: asyncio.Event, embedded: NatsServer | None) -> in
 def _check_urls(store: str, nats_url: str | None) -> None:
     """Refuse a store or NATS URL evflow cannot use, before anything starts."""
     try:
-        store_path(store)
+        parse_store(store)
     except EvflowError as error:
         raise click.BadParameter(error.message, param_hint="--store") from None
     if nats_url is not None and not nats_url.startswith(NATS_SCHEMES):
@@ -232,7 +232,9 @@ def _check_urls(store: str, nats_url: str | None) -> None:
 
 
 def _store_folder(store: str) -> Path:
-    return store_path(store).resolve().parent
+    """Where the embedded nats-server keeps its data: beside an SQLite log, else .evflow."""
+    log = parse_store(store)
+    return log.path.resolve().parent if isinstance(log, SqliteLog) else Path(".evflow")
 
 
 def _announce(app: App, server: Server) -> None:

@@ -193,25 +193,83 @@ def cancel_scope(execution_id: str, key: str) -> str:
     return f"cancel/{execution_id}/{key}"
 
 
-def store_path(url: str) -> Path:
-    """The file a store URL names: ``sqlite:///PATH`` (relative) or ``sqlite:////PATH``."""
+_STORE_FORMS = (
+    "use sqlite:///PATH (for example sqlite:///evflow.db), nats://HOST:PORT[,HOST:PORT...] "
+    "for a JetStream log on those servers (add ?replicas=3 on a cluster), or jetstream for "
+    "one on the NATS server evflow connects to"
+)
+
+
+class SqliteLog(msgspec.Struct, frozen=True):
+    """A store URL naming an SQLite file."""
+
+    path: Path
+
+
+class JetStreamLog(msgspec.Struct, frozen=True):
+    """A store URL naming a JetStream log: on ``servers``, or on evflow's own NATS if None."""
+
+    servers: list[str] | None
+    replicas: int = 1
+
+
+def parse_store(url: str) -> SqliteLog | JetStreamLog:
+    """What a store URL names: ``sqlite:///PATH`` (relative) or ``sqlite:////PATH``, a
+    JetStream log as ``nats://HOST:PORT,...[?replicas=N]``, or ``jetstream[?replicas=N]``."""
     from ..errors import StoreError
 
+    base, _, query = url.partition("?")
+    if base == "jetstream" or base.startswith("nats://"):
+        servers = None if base == "jetstream" else base.split(",")
+        if servers is not None:
+            servers = [s if s.startswith("nats://") else f"nats://{s}" for s in servers]
+        return JetStreamLog(servers, _replicas(url, query))
     path = url.removeprefix("sqlite:///")
     if not url.startswith("sqlite:///") or not path:
+        raise StoreError(f"store URL '{url}' is not supported; {_STORE_FORMS}")
+    return SqliteLog(Path(path))
+
+
+def _replicas(url: str, query: str) -> int:
+    from ..errors import StoreError
+
+    options = dict(part.partition("=")[::2] for part in query.split("&") if part)
+    unknown = set(options) - {"replicas"}
+    replicas = options.get("replicas", "1")
+    if unknown or not replicas.isascii() or not replicas.isdigit() or not 1 <= int(replicas) <= 5:
         raise StoreError(
-            f"store URL '{url}' is not supported; use sqlite:///PATH, for example "
-            "sqlite:///evflow.db"
+            f"store URL '{url}': the only option is replicas, from 1 to 5 (?replicas=3)"
         )
-    return Path(path)
+    return int(replicas)
 
 
-async def open_store(url: str, *, read_only: bool = False) -> EventStore:
-    """Open the store a URL names (see ``store_path``), creating a new log if there is none;
-    ``read_only`` for auditors, who must find the log there and can change nothing in it."""
-    from .sqlite import SqliteStore
+def store_path(url: str) -> Path:
+    """The file an SQLite store URL names; any other store URL is refused."""
+    from ..errors import StoreError
 
-    store = SqliteStore(store_path(url), read_only=read_only)
+    log = parse_store(url)
+    if not isinstance(log, SqliteLog):
+        raise StoreError(f"store URL '{url}' names a JetStream log, not an SQLite file")
+    return log.path
+
+
+async def open_store(
+    url: str, *, read_only: bool = False, nats_url: str = "nats://127.0.0.1:4222"
+) -> EventStore:
+    """Open the store a URL names (see ``parse_store``), creating a new log if there is
+    none; ``read_only`` for auditors, who must find the log there and can change nothing in
+    it. ``nats_url`` is where ``jetstream`` finds its servers."""
+    log = parse_store(url)
+    store: EventStore
+    if isinstance(log, JetStreamLog):
+        from .jetstream import JetStreamStore
+
+        servers = log.servers or nats_url.split(",")
+        store = JetStreamStore(servers, replicas=log.replicas, read_only=read_only)
+    else:
+        from .sqlite import SqliteStore
+
+        store = SqliteStore(log.path, read_only=read_only)
     await store.open()
     return store
 
@@ -220,12 +278,15 @@ __all__ = [
     "MAX_POSITION",
     "EventStore",
     "ExecutionSummary",
+    "JetStreamLog",
+    "SqliteLog",
     "cancel_scope",
     "check_append",
     "event_scope",
     "idempotency_scope",
     "invoke_scope",
     "open_store",
+    "parse_store",
     "resume_scope",
     "store_path",
 ]

@@ -120,16 +120,17 @@ class JetStreamStore:
         replicas: int = 1,
         timeout: float = 5.0,
         name: str = "EVFLOW",
+        read_only: bool = False,
     ):
         self.servers = [servers] if isinstance(servers, str) else list(servers)
         self.replicas = replicas
         self.timeout = timeout
+        self.read_only = read_only
         self.stream = f"{token(name, 'log name')}_LOG"
         self.bucket = f"{name}_CHECKPOINTS"
         self._events = f"{name.lower()}.log.ex"
         self._claims = f"{name.lower()}.log.key"
         self._gaps = f"{name.lower()}.log.gap"
-        self.read_only = False
         self._nc: NATS | None = None
         self._kv: Any = None
         self._heads: OrderedDict[str, _Head] = OrderedDict()
@@ -148,10 +149,30 @@ class JetStreamStore:
                 f"cannot reach NATS at {', '.join(self.servers)} for the JetStream log "
                 f"({error}); start nats-server with -js, or check the URL"
             ) from error
-        await self._ensure_stream()
         js = self._nc.jetstream(timeout=self.timeout)
-        self._kv = await js.create_key_value(bucket=self.bucket, history=1, replicas=self.replicas)
-        logger.info("opened the JetStream log %s on %s", self.stream, ", ".join(self.servers))
+        if self.read_only:
+            await self._find_stream()
+            self._kv = await _bucket_if_any(js, self.bucket)
+        else:
+            await self._ensure_stream()
+            self._kv = await js.create_key_value(
+                bucket=self.bucket, history=1, replicas=self.replicas
+            )
+        logger.info(
+            "opened the JetStream log %s on %s%s",
+            self.stream,
+            ", ".join(self.servers),
+            " read-only" if self.read_only else "",
+        )
+
+    async def _find_stream(self) -> None:
+        reply = await self._api(f"$JS.API.STREAM.INFO.{self.stream}", {})
+        if "error" in reply:
+            await self.close()
+            raise StoreError(
+                f"there is no JetStream log {self.stream} on {', '.join(self.servers)} "
+                f"({reply['error'].get('description')}); check --store"
+            )
 
     async def _ensure_stream(self) -> None:
         config = {
@@ -191,6 +212,7 @@ class JetStreamStore:
         self, execution_id: str, expected_version: int, events: Sequence[StoredEvent]
     ) -> list[StoredEvent]:
         """Durably append ``events`` after ``expected_version``; see ``EventStore``."""
+        self._writable("appending")
         if self._closing:
             raise StoreError("the JetStream log is closing; open it again before appending")
         self._appending += 1
@@ -352,6 +374,8 @@ class JetStreamStore:
     async def load_checkpoint(self, name: str) -> int:
         """The position checkpoint ``name`` was saved at, 0 if never; see ``EventStore``."""
         self._connected("loading a checkpoint")
+        if self._kv is None:
+            return 0
         try:
             entry = await self._kv.get(name)
         except KeyNotFoundError:
@@ -360,6 +384,7 @@ class JetStreamStore:
 
     async def save_checkpoint(self, name: str, position: int) -> None:
         """Move checkpoint ``name`` forward to ``position``, never back (compare-and-set)."""
+        self._writable("saving a checkpoint")
         self._connected("saving a checkpoint")
         while True:
             try:
@@ -452,6 +477,7 @@ class JetStreamStore:
         Known limit: unlike SQLite's, this import is not one transaction. A failure part
         way leaves a partial log; remove the stream (``nats stream rm``) and import again.
         """
+        self._writable("importing")
         nc = self._connected("importing")
         if await self._stream_last() != 0:
             raise StoreError(
@@ -495,6 +521,12 @@ class JetStreamStore:
     def _claim_subject(self, scope: str) -> str:
         """The subject of a scope's claim: any scope text becomes one token."""
         return f"{self._claims}.{hashlib.sha256(scope.encode()).hexdigest()}"
+
+    def _writable(self, doing: str) -> None:
+        if self.read_only:
+            raise StoreError(
+                f"the JetStream log {self.stream} was opened read-only; {doing} is refused"
+            )
 
     def _connected(self, doing: str) -> NATS:
         if self._nc is None or self._nc.is_closed:
@@ -564,6 +596,14 @@ class JetStreamStore:
             raise StoreError(f"JetStream did not answer a read of {self.stream} in time") from error
         finally:
             await subscription.unsubscribe()
+
+
+async def _bucket_if_any(js: Any, bucket: str) -> Any:
+    """The key-value bucket, or None if no engine made it yet (a read-only open)."""
+    try:
+        return await js.key_value(bucket)
+    except Exception:  # nats-py raises BucketNotFoundError, or NotFoundError on old servers
+        return None
 
 
 async def _stored_at(js: Any, subject: str, payload: bytes, after: int | None) -> int:

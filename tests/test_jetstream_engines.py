@@ -1,0 +1,72 @@
+"""Engines on a JetStream log (issue 7, in progress): one engine runs the whole contract of
+commands on it, and two engines on one log share the commands, each able to answer any
+execution, with every execution's history whole and nothing in it twice."""
+
+from __future__ import annotations
+
+import asyncio
+
+from examples.flows import app as example_app
+
+from evflow import Client
+from evflow.audit import verify_store
+from evflow.nats_server import NatsServer
+from evflow.server import Server
+
+APPROVED = {"approved": True, "note": "fine"}
+
+
+async def test_an_engine_on_a_jetstream_log_pauses_resumes_and_notifies(
+    nats_server: NatsServer,
+):
+    server = Server(example_app, "jetstream", nats_server.url)
+    await server.start()
+    client = await Client.connect(nats_server.url)
+    try:
+        notes = await client.nc.subscribe("evflow.events.approval.>")
+        paused = await client.invoke("approval", {"amount": 5, "requester": "ann"})
+        done = await client.resume("approval", paused.execution_id, APPROVED)
+
+        assert (type(paused).__name__, type(done).__name__) == ("Paused", "Completed")
+        history = await client.history(paused.execution_id)
+        assert [type(s.event).__name__ for s in history] == [
+            "ExecutionStarted", "ExecutionPaused", "ExecutionResumed", "ExecutionCompleted",
+        ]  # fmt: skip
+        kinds = [(await notes.next_msg(timeout=5)).subject.rsplit(".", 1)[1] for _ in range(4)]
+        assert kinds == ["started", "paused", "resumed", "completed"]
+        assert server.store is not None and (await verify_store(server.store)).intact
+    finally:
+        await client.close()
+        await server.stop()
+
+
+async def test_two_engines_on_one_jetstream_log_answer_any_execution(nats_server: NatsServer):
+    engines = [Server(example_app, "jetstream", nats_server.url) for _ in range(2)]
+    for engine in engines:
+        await engine.start()
+    client = await Client.connect(nats_server.url)
+    try:
+        invoked = await asyncio.gather(
+            *(client.invoke("approval", {"amount": n, "requester": "ann"}) for n in range(40))
+        )
+        hot = [len(engine.engine._driver.hot) for engine in engines]  # type: ignore[union-attr]
+        resumed = await asyncio.gather(
+            *(client.resume("approval", p.execution_id, APPROVED) for p in invoked)
+        )
+        again = await asyncio.gather(
+            *(client.resume("approval", p.execution_id, APPROVED) for p in invoked),
+            return_exceptions=True,
+        )
+
+        assert sum(hot) == 40 and min(hot) > 0  # both engines took invokes
+        assert {type(r).__name__ for r in resumed} == {"Completed"}
+        # A resume that meets a copy another engine made stale is judged from the log.
+        assert {type(error).__name__ for error in again} == {"Finished"}
+        for settled in resumed:
+            history = await client.history(settled.execution_id)
+            assert [s.version for s in history] == [1, 2, 3, 4]
+        assert (await verify_store(engines[0].store)).intact  # type: ignore[arg-type]
+    finally:
+        await client.close()
+        for engine in engines:
+            await engine.stop()
