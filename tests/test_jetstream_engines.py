@@ -1,14 +1,16 @@
 """Engines on a JetStream log (issue 7, in progress): one engine runs the whole contract of
 commands on it, and two engines on one log share the commands, each able to answer any
-execution, with every execution's history whole and nothing in it twice."""
+execution and to fire any timer, with every execution's history whole and nothing in it
+twice."""
 
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 from examples.flows import app as example_app
 
-from evflow import Client
+from evflow import App, Client, Context, Status
 from evflow.audit import verify_store
 from evflow.nats_server import NatsServer
 from evflow.server import Server
@@ -66,6 +68,47 @@ async def test_two_engines_on_one_jetstream_log_answer_any_execution(nats_server
             history = await client.history(settled.execution_id)
             assert [s.version for s in history] == [1, 2, 3, 4]
         assert (await verify_store(engines[0].store)).intact  # type: ignore[arg-type]
+    finally:
+        await client.close()
+        for engine in engines:
+            await engine.stop()
+
+
+def napping_app() -> App:
+    app = App()
+
+    @app.flow("nap")
+    async def nap(ctx: Context) -> str:
+        await ctx.wait_for(timedelta(seconds=1))
+        return "rested"
+
+    return app
+
+
+async def test_a_timer_fires_once_though_the_engine_that_set_it_stopped(
+    nats_server: NatsServer,
+):
+    """Each engine learns the other's timers from the log; when one stops, the other fires
+    them, and each timer fires once."""
+    engines = [Server(napping_app(), "jetstream", nats_server.url) for _ in range(2)]
+    for engine in engines:
+        await engine.start()
+    client = await Client.connect(nats_server.url)
+    try:
+        waiting = await asyncio.gather(*(client.invoke("nap", {}) for _ in range(10)))
+        set_by = [len(engine.engine.timers) for engine in engines]  # type: ignore[union-attr]
+        await engines[0].stop()
+
+        async with asyncio.timeout(20):
+            for settled in waiting:
+                while (await client.get(settled.execution_id)).status is not Status.COMPLETED:
+                    await asyncio.sleep(0.2)
+
+        assert {type(w).__name__ for w in waiting} == {"Waiting"}
+        assert min(set_by) > 0  # each engine set some of the timers
+        for settled in waiting:
+            kinds = [type(s.event).__name__ for s in await client.history(settled.execution_id)]
+            assert kinds.count("TimerFired") == 1, kinds
     finally:
         await client.close()
         for engine in engines:

@@ -324,6 +324,21 @@ class Engine:
             return False
         return True
 
+    def followed(self, flow: str, stored: StoredEvent) -> None:
+        """Told of an event in the log, this engine's or another's, in log order and a
+        little late (by the outbox): keep the timers and the hot executions in step with
+        other engines on the same log. A timer learned so may have fired already; its
+        firing then fails the version check and changes nothing."""
+        execution_id = stored.execution_id
+        held = self.timers.pending(execution_id)
+        if held is None or held.version <= stored.version:
+            timer = pending_timer(flow, stored)
+            if timer is not None:
+                self.timers.add(timer)
+            elif held is not None:
+                self.timers.forget(execution_id)
+        self._driver.hot.drop_if_behind(execution_id, stored.version)
+
     def _appended(self, flow: str, events: list[StoredEvent]) -> None:
         """After every durable append: keep the scheduler in step, then notify."""
         timer = pending_timer(flow, events[-1])

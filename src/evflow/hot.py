@@ -97,6 +97,13 @@ class HotExecutions:
             hot.runner.abandon()
             logger.debug("execution %s is no longer hot", execution_id)
 
+    def drop_if_behind(self, execution_id: str, version: int) -> None:
+        """Forget an execution the log holds a later event of than its entry has: another
+        engine on the same log moved it on."""
+        hot = self._entries.get(execution_id)
+        if hot is not None and hot.state.version < version:
+            self.drop(execution_id)
+
     def close(self) -> None:
         """Forget every execution, and keep none from now on: the engine stops, and a command
         still in flight lets its flow go when it settles."""

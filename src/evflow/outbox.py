@@ -20,6 +20,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 from nats.aio.client import Client as NATS
 
@@ -76,6 +77,7 @@ class Outbox:
         self._checkpoint_every = checkpoint_every
         self._saved = (0, 0.0)  # the position last saved, and when
         self._flows: OrderedDict[str, str] = OrderedDict()
+        self._followers: list[Callable[[str, StoredEvent], None]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._draining = False
@@ -91,6 +93,11 @@ class Outbox:
         await self._publisher.start()
         self._task = asyncio.create_task(self._run(), name="evflow-outbox")
         logger.info("outbox publishing from log position %d", self.position)
+
+    def follow(self, follower: Callable[[str, StoredEvent], None]) -> None:
+        """Tell ``follower`` of every event published from now on, with its flow, in log
+        order: engines on the same log learn each other's timers this way."""
+        self._followers.append(follower)
 
     def __call__(self, flow: str, events: list[StoredEvent]) -> None:
         """Told of a durable append by this engine: remember the flow, publish soon."""
@@ -154,10 +161,11 @@ class Outbox:
 
     async def _publish(self, events: list[StoredEvent]) -> None:
         """Publish a batch, wait for every acknowledgement, then move the checkpoint."""
-        acks = []
+        acks, flows = [], []
         try:
             for stored in events:
                 flow = await self._flow_of(stored)
+                flows.append(flow)
                 message = notification(flow, stored, self._subjects)
                 subject = self._subjects.notification(flow, stored.execution_id, message.kind)
                 headers = {
@@ -173,6 +181,9 @@ class Outbox:
 
         self.position = events[-1].position
         self.published += len(events)
+        for follower in self._followers:
+            for stored, flow in zip(events, flows, strict=True):
+                follower(flow, stored)
         logger.debug("published %d notifications up to position %d", len(events), self.position)
 
     async def _save_checkpoint(self, when_due: bool) -> None:

@@ -85,6 +85,7 @@ class Server:
         self.engine = Engine(
             self.app, self.store, self._clock, self.outbox, hot_executions=self.hot_executions
         )
+        self.outbox.follow(self.engine.followed)  # other engines' timers, on a shared log
         recovered = await self.engine.recover()
         logger.info("recovered %d interrupted executions", recovered)
         await self.engine.start()

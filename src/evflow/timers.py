@@ -193,6 +193,10 @@ class Scheduler:
         heapq.heapify(self._heap)
         self._changed.set()
 
+    def pending(self, execution_id: str) -> Timer | None:
+        """The timer held for an execution, if any."""
+        return self._pending.get(execution_id)
+
     def forget(self, execution_id: str) -> None:
         """Drop the timer of an execution that moved on without it."""
         self._pending.pop(execution_id, None)
