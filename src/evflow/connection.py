@@ -42,6 +42,12 @@ class _Watch:
         logger.info("reconnected to NATS at %s", self.url)
 
 
+def servers(url: str) -> list[str]:
+    """The servers a NATS URL names: one, or several joined by commas (a cluster's nodes,
+    between which the connection fails over)."""
+    return [part.strip() for part in url.split(",") if part.strip()]
+
+
 async def connect(url: str, *, timeout: float, hint: str, name: str = "evflow") -> NATS:
     """Connect to ``url`` within ``timeout`` seconds, or raise an error naming it.
 
@@ -52,7 +58,7 @@ async def connect(url: str, *, timeout: float, hint: str, name: str = "evflow") 
     try:
         nc = await asyncio.wait_for(
             nats.connect(
-                url,
+                servers(url),
                 name=name,
                 connect_timeout=timeout,
                 max_reconnect_attempts=-1,

@@ -98,9 +98,10 @@ class StreamPublisher:
         if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
             acked.set_exception(
                 Unavailable(
-                    "no JetStream stream stores notifications on this NATS server; the "
-                    "engine creates it at start: restart the engine, or check that JetStream "
-                    "is enabled (nats-server -js)"
+                    "no JetStream stream answered for notifications: on a cluster it may be "
+                    "electing a leader (the outbox retries); if this goes on, the stream is "
+                    "missing: the engine creates it at start, so restart the engine, or check "
+                    "that JetStream is enabled (nats-server -js)"
                 )
             )
             return

@@ -15,6 +15,7 @@ import click
 import msgspec
 from rich.logging import RichHandler
 
+from ..connection import servers
 from ..errors import EvflowError
 from ..flow import App
 from ..hot import DEFAULT_CAPACITY
@@ -102,6 +103,16 @@ class Duration(click.ParamType):
     help="On SIGTERM, how long commands in flight may finish, and then notifications drain.",
 )
 @click.option(
+    "--replicas",
+    type=click.IntRange(min=1, max=5),
+    envvar="EVFLOW_REPLICAS",
+    show_envvar=True,
+    default=1,
+    show_default=True,
+    help="Copies a NATS cluster keeps of the EVFLOW_EVENTS and EVFLOW_COMMANDS streams (a "
+    "JetStream log takes its own from --store ...?replicas=N).",
+)
+@click.option(
     "--hot-executions",
     type=click.IntRange(min=0),
     envvar="EVFLOW_HOT_EXECUTIONS",
@@ -127,6 +138,7 @@ def serve(
     duplicate_window: float,
     command_ack_wait: float,
     shutdown_timeout: float,
+    replicas: int,
     hot_executions: int,
     log_level: str,
 ) -> None:
@@ -139,6 +151,7 @@ def serve(
         events_max_bytes=events_max_bytes,
         duplicate_window=duplicate_window,
         command_ack_wait=command_ack_wait,
+        replicas=replicas,
     )
     options = {
         "streams": streams,
@@ -223,12 +236,14 @@ def _check_urls(store: str, nats_url: str | None) -> None:
         parse_store(store)
     except EvflowError as error:
         raise click.BadParameter(error.message, param_hint="--store") from None
-    if nats_url is not None and not nats_url.startswith(NATS_SCHEMES):
-        raise click.BadParameter(
-            f"'{nats_url}' is not a NATS URL; write it as nats://HOST:PORT (or tls://, ws://, "
-            "wss://), for example nats://127.0.0.1:4222",
-            param_hint="--nats",
-        )
+    for url in servers(nats_url) if nats_url is not None else []:
+        if not url.startswith(NATS_SCHEMES):
+            raise click.BadParameter(
+                f"'{url}' is not a NATS URL; write it as nats://HOST:PORT (or tls://, ws://, "
+                "wss://), for example nats://127.0.0.1:4222, and a cluster's nodes joined "
+                "by commas",
+                param_hint="--nats",
+            )
 
 
 def _store_folder(store: str) -> Path:

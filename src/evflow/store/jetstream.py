@@ -57,10 +57,11 @@ from .rows import chained_row, record, stored_event
 
 logger = logging.getLogger(__name__)
 
-_WRONG_LAST_SEQUENCE = 10071
-_BATCH_DUPLICATE_ID = 10201
 _DIRECT_BATCH = 256
 """Messages asked for at once from a direct get."""
+_CATCH_UP = (0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+"""Seconds between reads of an execution a replica answered from behind this store's own
+appends."""
 _INFLIGHT = 32
 """Appends published at once: the server bounds the atomic batches in flight per stream."""
 _HEADS = 65_536
@@ -295,13 +296,9 @@ class JetStreamStore:
         claims: list[tuple[Any, StoredEvent]],
         error: dict[str, Any],
     ) -> EvflowError:
-        """Why JetStream refused an append: the version moved on, or a scope was claimed."""
-        if error.get("err_code") not in (_WRONG_LAST_SEQUENCE, _BATCH_DUPLICATE_ID):
-            return StoreError(
-                f"JetStream refused an append to execution {execution_id} "
-                f"({error.get('description')}); nothing was appended",
-                execution_id=execution_id,
-            )
+        """Why JetStream refused an append: the version moved on (also when another engine
+        appends the same version at that moment: its message IDs are then in process), or a
+        scope was claimed, or else what JetStream said."""
         head = await self._read_head(execution_id)
         if head.version != expected_version:
             return _clash(execution_id, head.version, expected_version)
@@ -322,12 +319,27 @@ class JetStreamStore:
     # reading
 
     async def read(self, execution_id: str, to_version: int | None = None) -> list[StoredEvent]:
-        """One execution's events in version order, up to ``to_version`` if given."""
-        events = [
-            _stored(msg)
-            for msg in await self._direct_all(self._subject(execution_id), 1, to_version)
-        ]
-        return events
+        """One execution's events in version order, up to ``to_version`` if given.
+
+        Any replica answers a direct get, and one that is catching up (a node back from a
+        restart) may not hold an append this store made yet: a read that falls short of
+        the version this store last appended is made again until it reaches it.
+        """
+        subject = self._subject(execution_id)
+        known = self._heads.get(execution_id)
+        want = known.version if known is not None else 0
+        if to_version is not None:
+            want = min(want, to_version)
+        for delay in _CATCH_UP:
+            events = [_stored(msg) for msg in await self._direct_all(subject, 1, to_version)]
+            if (events[-1].version if events else 0) >= want:
+                return events
+            await asyncio.sleep(delay)
+        raise StoreError(
+            f"execution {execution_id}: the JetStream replicas answering reads are behind "
+            f"version {want}, which this engine appended; try again when the cluster is whole",
+            execution_id=execution_id,
+        )
 
     async def read_many(self, execution_ids: Sequence[str]) -> dict[str, list[StoredEvent]]:
         """Several executions' events at once; see ``EventStore``."""

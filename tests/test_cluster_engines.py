@@ -1,0 +1,156 @@
+"""Engines on a three-node NATS cluster with a replicated JetStream log (issue 7).
+
+Two ``evflow serve`` processes share the commands. Load runs through them while one engine
+is SIGKILLed, or one NATS node is SIGKILLed and restarted. Afterwards: every invoke that
+was answered is in the log, paused and resumable; every history is whole, each version
+once; every wait timer fired exactly once; and an engine started afterwards leaves no
+execution running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from cluster import NatsCluster
+from evflow import Client, EvflowError, Status
+from processes import ROOT, Child, Spawn, cli_env
+
+TESTS = ROOT / "tests"
+WAIT_MS = 200
+"""The ``timed`` flow's wait: short, so timers fire while the faults happen."""
+
+
+def engine_args(cluster: NatsCluster) -> list[str]:
+    return [
+        "serve", "--app", "fault_flows:app", "--nats", ",".join(cluster.urls),
+        "--store", "jetstream?replicas=3", "--replicas", "3", "--shutdown-timeout", "2s",
+    ]  # fmt: skip
+
+
+async def start_engine(spawn: Spawn, cluster: NatsCluster, tmp_path: Path) -> Child:
+    (tmp_path / "effects").mkdir(exist_ok=True)
+    env = cli_env(PYTHONPATH=str(TESTS), EVFLOW_FAULT_DIR=str(tmp_path))
+    engine = await spawn(*engine_args(cluster), env=env)
+    await engine.wait_for("listening on")
+    return engine
+
+
+async def load(client: Client, seconds: float, fault: Callable[[], Awaitable[None]]) -> list[str]:
+    """Invoke ``order`` and ``timed`` from 8 workers, each about ten times a second, for
+    ``seconds``, with ``fault`` a second in; the IDs of the executions whose invoke was
+    answered."""
+    answered: list[str] = []
+    numbers = itertools.count()
+    stop = asyncio.get_running_loop().time() + seconds
+
+    async def worker() -> None:
+        while asyncio.get_running_loop().time() < stop:
+            n = next(numbers)
+            flow, inputs = ("order", {"n": n}) if n % 2 else ("timed", _timed(n))
+            try:
+                settled = await client.invoke(flow, inputs)
+            except EvflowError:
+                await asyncio.sleep(0.05)  # unanswered: it may or may not have started
+                continue
+            answered.append(settled.execution_id)
+            await asyncio.sleep(0.1)
+
+    async def later() -> None:
+        await asyncio.sleep(1)
+        await fault()
+
+    await asyncio.gather(later(), *(worker() for _ in range(8)))
+    return answered
+
+
+def _timed(n: int) -> dict[str, int]:
+    return {"n": n, "wait_ms": WAIT_MS, "expire_ms": 600_000}
+
+
+async def settle_all(client: Client, answered: list[str]) -> None:
+    """Resume every answered execution once it is paused, until each has ended."""
+    slots = asyncio.Semaphore(16)
+
+    async def settle(execution_id: str) -> None:
+        async with slots:
+            while True:
+                try:
+                    state = await client.get(execution_id)
+                    if state.status is Status.PAUSED:
+                        await client.resume(state.flow, execution_id, {"ok": True})
+                        continue
+                except EvflowError:
+                    await asyncio.sleep(0.2)  # a node or an engine still coming back
+                    continue
+                if state.status in (Status.COMPLETED, Status.FAILED):
+                    return  # judged by check_histories
+                await asyncio.sleep(0.1)  # waiting on its timer
+
+    async with asyncio.timeout(60):
+        await asyncio.gather(*(settle(execution_id) for execution_id in answered))
+
+
+async def check_histories(client: Client, answered: list[str]) -> None:
+    """Every history whole, each version once; ``timed`` fired its wait exactly once."""
+    for execution_id in answered:
+        history = await client.history(execution_id)
+        assert [s.version for s in history] == list(range(1, len(history) + 1))
+        kinds = [type(s.event).__name__ for s in history]
+        assert kinds.count("StepCompleted") == 2, kinds
+        if history[0].event.flow == "timed":  # type: ignore[attr-defined]
+            assert kinds.count("TimerFired") == 1, kinds
+
+
+async def none_left_running(client: Client) -> None:
+    """After recovery, no execution of the log is still running."""
+    async with asyncio.timeout(30):
+        while (await client.list_executions(status="running")).executions:
+            await asyncio.sleep(0.2)
+
+
+@pytest.mark.timeout(180)
+async def test_a_killed_engine_loses_nothing(
+    nats_cluster: NatsCluster, spawn: Spawn, tmp_path: Path
+):
+    engines = [await start_engine(spawn, nats_cluster, tmp_path) for _ in range(2)]
+    client = await Client.connect(",".join(nats_cluster.urls), timeout=5)
+    try:
+        answered = await load(client, 4, engines[0].kill)
+        await start_engine(spawn, nats_cluster, tmp_path)  # as an operator would
+
+        assert len(answered) > 20
+        await settle_all(client, answered)
+        await check_histories(client, answered)
+        await none_left_running(client)
+    finally:
+        await client.close()
+
+
+@pytest.mark.timeout(180)
+async def test_a_killed_nats_node_loses_nothing(
+    nats_cluster: NatsCluster, spawn: Spawn, tmp_path: Path
+):
+    engines = [await start_engine(spawn, nats_cluster, tmp_path) for _ in range(2)]
+    client = await Client.connect(",".join(nats_cluster.urls), timeout=5)
+
+    async def kill_and_restart_a_node() -> None:
+        nats_cluster.kill(1)
+        await nats_cluster.stop_node(1)
+        await asyncio.sleep(1)
+        await nats_cluster.start_node(1)
+
+    try:
+        answered = await load(client, 5, kill_and_restart_a_node)
+
+        assert len(answered) > 20
+        await settle_all(client, answered)
+        await check_histories(client, answered)
+        await none_left_running(client)
+        assert all(engine.process.returncode is None for engine in engines)
+    finally:
+        await client.close()
