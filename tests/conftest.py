@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from evflow import Client
+from evflow.nats_cluster import NatsCluster
 from evflow.nats_server import NatsServer, find_binary
 from evflow.server import Server
 
@@ -17,7 +18,6 @@ sys.path.insert(0, str(ROOT))  # the example flows live in examples/
 
 from examples.flows import app as example_app  # noqa: E402
 
-from cluster import NatsCluster  # noqa: E402
 from processes import spawn  # noqa: E402, F401  (a fixture: evflow commands as children)
 
 

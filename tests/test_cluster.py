@@ -14,7 +14,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import APIError, NoStreamResponseError
 
-from cluster import NODES, NatsCluster
+from evflow.nats_cluster import NODES, NatsCluster
 
 
 async def _publish_until_stored(js: nats.js.JetStreamContext, number: int) -> None:

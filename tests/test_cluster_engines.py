@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster import NatsCluster
 from evflow import Client, EvflowError, Status
+from evflow.nats_cluster import NatsCluster
 from processes import ROOT, Child, Spawn, cli_env
 
 TESTS = ROOT / "tests"

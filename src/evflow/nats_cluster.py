@@ -1,9 +1,10 @@
-"""A three-node JetStream cluster on loopback ports, for tests that lose a node on purpose.
+"""A three-node JetStream cluster on one machine's loopback: for tests that lose a node on
+purpose, the cluster benchmark, and ``ops/cluster`` (several engines on a laptop).
 
-Each node is a real nats-server child (``evflow.nats_server.NatsServer``) with a
-configuration file naming the cluster and its routes; its client and route ports are
-picked free when the cluster is made and kept across a node's restart, so a restarted node
-rejoins under the same name and finds its JetStream data where it left it.
+Each node is a nats-server child (``nats_server.NatsServer``) with a configuration file
+naming the cluster and its routes; its client and route ports are picked free when the
+cluster is made (or given) and kept across a node's restart, so a restarted node rejoins
+under the same name and finds its JetStream data where it left it.
 """
 
 from __future__ import annotations
@@ -11,21 +12,21 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 from pathlib import Path
 
 import nats
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
-from evflow.nats_server import NatsServer
-from processes import unused_port
+from .nats_server import NatsServer
 
 NODES = 3
 
 _CONFIG = """\
 server_name: {name}
 cluster {{
-  name: evflow-test
+  name: evflow
   listen: 127.0.0.1:{route_port}
   routes: [{routes}]
 }}
@@ -37,12 +38,19 @@ class NatsCluster:
 
     Args:
         folder: where each node keeps its configuration and JetStream data.
+        client_ports: the nodes' client ports (free ones if not given).
+        route_ports: the nodes' route ports (free ones if not given).
     """
 
-    def __init__(self, folder: Path):
+    def __init__(
+        self,
+        folder: Path,
+        client_ports: list[int] | None = None,
+        route_ports: list[int] | None = None,
+    ):
         self.folder = folder
-        self.client_ports = [unused_port() for _ in range(NODES)]
-        self.route_ports = [unused_port() for _ in range(NODES)]
+        self.client_ports = client_ports or [_unused_port() for _ in range(NODES)]
+        self.route_ports = route_ports or [_unused_port() for _ in range(NODES)]
         self.nodes: list[NatsServer | None] = [None] * NODES
 
     @property
@@ -95,6 +103,13 @@ class NatsCluster:
     async def stop(self) -> None:
         """Stop every node still running."""
         await asyncio.gather(*(self.stop_node(index) for index in range(NODES)))
+
+
+def _unused_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 async def _until_jetstream_answers(url: str) -> None:
