@@ -74,7 +74,10 @@ async def test_a_reply_too_large_for_nats_is_too_large_and_names_the_execution(
     execution_id = (msg.headers or {})["Evflow-Execution-Id"]
     get = await call(nc, f"evflow.executions.get.{execution_id}")
 
-    assert error(msg, 413, "too_large")["execution_id"] == execution_id
+    refused = error(msg, 413, "too_large")
+    assert refused["execution_id"] == execution_id
+    assert "the command took effect: do not send it again" in refused["message"]
+    assert "ask for less" in error(get, 413, "too_large")["message"]
     assert error(get, 413, "too_large")["execution_id"] == execution_id
     assert server.engine is not None
     state = await server.engine.get(execution_id)

@@ -108,7 +108,7 @@ class EvflowService:
     ) -> None:
         try:
             body, execution_id = await command(request)
-            self._check_fits(body, execution_id, request.subject)
+            self._check_fits(body, execution_id, request.subject, endpoint)
             headers = {EXECUTION_HEADER: execution_id} if execution_id is not None else None
             await request.respond(body, headers=headers)
             return
@@ -123,16 +123,24 @@ class EvflowService:
         self._errors[endpoint] = self._errors.get(endpoint, 0) + 1
         await self._respond_error(request, failure, self._named_execution(endpoint, request))
 
-    def _check_fits(self, body: bytes, execution_id: str | None, subject: str) -> None:
-        """Refuse a reply NATS would not carry, instead of failing to send it."""
+    def _check_fits(
+        self, body: bytes, execution_id: str | None, subject: str, endpoint: str
+    ) -> None:
+        """Refuse a reply NATS would not carry, instead of failing to send it. A command's
+        reply says that the command took effect: sent again, it would act again."""
         limit = self._nc.max_payload - 1024
-        if len(body) > limit:
-            concerning = f" for execution {execution_id}" if execution_id is not None else ""
-            raise TooLarge(
-                f"the reply on {subject}{concerning} is {len(body)} bytes, more than the "
-                f"{limit} NATS carries; ask for less (a smaller limit) or read the store",
-                execution_id=execution_id,
+        if len(body) <= limit:
+            return
+        concerning = f" for execution {execution_id}" if execution_id is not None else ""
+        what = f"the reply on {subject}{concerning} is {len(body)} bytes, more than the {limit}"
+        if endpoint in ("get", "history", "list"):
+            todo = "NATS carries; ask for less (a smaller limit) or read the store"
+        else:
+            todo = (
+                "NATS carries, but the command took effect: do not send it again; read the "
+                "execution from the store (evflow export) or list it (evflow ls)"
             )
+        raise TooLarge(f"{what} {todo}", execution_id=execution_id)
 
     def _named_execution(self, endpoint: str, request: Request) -> str | None:
         """The execution a command's subject names, if it names one (all but invoke do)."""
