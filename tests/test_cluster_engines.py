@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -139,10 +140,14 @@ async def test_a_killed_nats_node_loses_nothing(
     client = await Client.connect(",".join(nats_cluster.urls), timeout=5)
 
     async def kill_and_restart_a_node() -> None:
-        nats_cluster.kill(1)
-        await nats_cluster.stop_node(1)
+        """The node that leads the log's stream: its followers must elect another."""
+        info = await client.nc.request("$JS.API.STREAM.INFO.EVFLOW_LOG", b"", timeout=5)
+        leader = json.loads(info.data)["cluster"]["leader"]
+        node = [nats_cluster.name(i) for i in range(len(nats_cluster.urls))].index(leader)
+        nats_cluster.kill(node)
+        await nats_cluster.stop_node(node)
         await asyncio.sleep(1)
-        await nats_cluster.start_node(1)
+        await nats_cluster.start_node(node)
 
     try:
         answered = await load(client, 5, kill_and_restart_a_node)
@@ -152,5 +157,9 @@ async def test_a_killed_nats_node_loses_nothing(
         await check_histories(client, answered)
         await none_left_running(client)
         assert all(engine.process.returncode is None for engine in engines)
+        # No engine died, so no step ran twice (each call of a step leaves a line).
+        calls = (tmp_path / "runs.log").read_text().split()[::2]
+        assert len(calls) == len(set(calls))
+        assert {f"{e}/{step}" for e in answered for step in ("charge", "ship")} <= set(calls)
     finally:
         await client.close()

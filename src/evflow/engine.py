@@ -10,9 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from datetime import timedelta
-
-import msgspec
 
 from . import admission, fields
 from .driver import Driver, settled
@@ -48,13 +45,10 @@ Notify = Callable[[str, list[StoredEvent]], None]
 """Told the flow and the events of every durable append, in append order."""
 
 
-STRANDED_AFTER = 10.0
-"""Seconds after which a timer's recorded firing that is still its execution's latest event
-is taken as left behind, and the execution driven on by whichever engine holds the timer."""
-
 DRIVE_ON_RETRIES = (0.5, 1.0, 2.0, 4.0, 8.0)
 """Seconds between attempts to drive an execution on after its timer fired, while the log
-cannot be reached."""
+cannot be reached (the execution's lock is held meanwhile, so its commands wait). After the
+last, the execution stays running until an engine starts and drives it on."""
 
 
 class Engine:
@@ -288,37 +282,9 @@ class Engine:
         """
         if not await self._serves(timer):
             return
-        if await self._record_firing(timer) or await self._stranded(timer):
+        if await self._record_firing(timer):
             async with self._driver.exclusive(timer.execution_id):
                 await self._drive_on_after_timer(timer)
-
-    async def _stranded(self, timer: Timer) -> bool:
-        """Whether a timer someone else recorded the firing of was left there: the firing
-        is still the execution's latest event, and has been for ``STRANDED_AFTER`` seconds.
-
-        The engine that recorded it drives the execution on at once, so one that stays put
-        was left by an engine that stopped or lost the log meanwhile (an acknowledgement
-        lost in a NATS node's restart, say). A firing still recent is looked at again when
-        that time has passed: the timer is held again until then.
-        """
-        history = await self.store.read(timer.execution_id)
-        latest = history[-1] if history else None
-        fired = TimerFired if timer.kind == "wait" else PauseExpired
-        if latest is None or latest.version != timer.version + 1:
-            return False
-        if not isinstance(latest.event, fired) or latest.event.sequence != timer.sequence:
-            return False
-        due = latest.at + timedelta(seconds=STRANDED_AFTER)
-        if self.clock.now() < due:
-            self.timers.add(msgspec.structs.replace(timer, due=due))
-            return False
-        logger.warning(
-            "the %s timer of execution %s fired at %s and no engine drove it on; driving it on",
-            timer.kind,
-            timer.execution_id,
-            latest.at.isoformat(),
-        )
-        return True
 
     async def _serves(self, timer: Timer) -> bool:
         """Whether this engine serves the flow version the timer's execution started on.

@@ -1,8 +1,8 @@
 """The log on NATS JetStream: one replicated stream, for several engines on a NATS cluster.
 
-Work in progress for issue 7: the store passes the store contract on one nats-server;
-the start-up scans and the listing read the whole log (see ``_ends``), and ``open_store``
-does not offer this backend yet.
+Selected with ``--store jetstream`` or ``nats://HOST:PORT,...`` (``store.open_store``). It
+passes the store contract on one nats-server and runs engines on a three-node cluster in
+the tests. TODO(#7): the start-up scans and the listing read the whole log (see ``_ends``).
 
 Layout, in the stream ``EVFLOW_LOG`` (file storage, replicas configurable):
 
@@ -23,7 +23,9 @@ an atomic batch cannot reach.) Either the whole batch is stored or none of it.
 
 The message body is the event as the SQLite log stores it, with its hash chain: an
 export of either log is verified the same way. Reads use direct gets (``allow_direct``),
-which any replica answers, in batches.
+which any replica answers, in batches; what a read must reach (an execution's latest
+event, the log's last position, a claim) is asked of the stream's leader first, and a
+replica still catching up is read again until it has it.
 
 Checkpoints live in the key-value bucket ``EVFLOW_CHECKPOINTS``; a save moves one forward
 by compare-and-set, so two engines never move it back.
@@ -32,6 +34,7 @@ by compare-and-set, so two engines never move it back.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import logging
 from collections import OrderedDict
@@ -59,6 +62,8 @@ logger = logging.getLogger(__name__)
 
 _DIRECT_BATCH = 256
 """Messages asked for at once from a direct get."""
+_NO_MESSAGE = 10037
+"""JetStream's error code for a message get that finds none."""
 _CATCH_UP = (0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 """Seconds between reads of an execution a replica answered from behind this store's own
 appends."""
@@ -277,11 +282,13 @@ class JetStreamStore:
         return await self._read_head(execution_id)
 
     async def _read_head(self, execution_id: str) -> _Head:
-        msg = await self._direct_one({"last_by_subj": self._subject(execution_id)})
-        if msg is None:
+        """The execution's latest event, as the stream's leader holds it."""
+        found = await self._leader_last(self._subject(execution_id))
+        if found is None:
             return _NO_HEAD
-        entry = _decode_entry(msg.data)
-        return _Head(entry.version, entry.hash, _sequence(msg))
+        sequence, data = found
+        entry = _decode_entry(data)
+        return _Head(entry.version, entry.hash, sequence)
 
     def _remember(self, execution_id: str, head: _Head) -> None:
         self._heads[execution_id] = head
@@ -321,13 +328,14 @@ class JetStreamStore:
     async def read(self, execution_id: str, to_version: int | None = None) -> list[StoredEvent]:
         """One execution's events in version order, up to ``to_version`` if given.
 
-        Any replica answers a direct get, and one that is catching up (a node back from a
-        restart) may not hold an append this store made yet: a read that falls short of
-        the version this store last appended is made again until it reaches it.
+        The events come by direct gets, which any replica answers, and one catching up (a
+        node back from a restart) may not hold the latest yet: the stream's leader says
+        which version is the latest, and the read is made again until it reaches it. A
+        decision taken on a read (a step about to run, a command judged) thus never rests
+        on a replica that is behind.
         """
         subject = self._subject(execution_id)
-        known = self._heads.get(execution_id)
-        want = known.version if known is not None else 0
+        want = (await self._read_head(execution_id)).version
         if to_version is not None:
             want = min(want, to_version)
         for delay in _CATCH_UP:
@@ -336,8 +344,8 @@ class JetStreamStore:
                 return events
             await asyncio.sleep(delay)
         raise StoreError(
-            f"execution {execution_id}: the JetStream replicas answering reads are behind "
-            f"version {want}, which this engine appended; try again when the cluster is whole",
+            f"execution {execution_id}: the JetStream replicas answering reads stay behind "
+            f"its version {want}; try again when the cluster has caught up",
             execution_id=execution_id,
         )
 
@@ -368,16 +376,17 @@ class JetStreamStore:
         return await self.last_position() == 0
 
     async def last_position(self) -> int:
-        """The position of the latest event in the log; 0 when it is empty."""
-        msg = await self._direct_one({"last_by_subj": f"{self._events}.*"})
-        return 0 if msg is None else _sequence(msg)
+        """The position of the latest event in the log (as its leader holds it); 0 when it
+        is empty."""
+        found = await self._leader_last(f"{self._events}.*")
+        return 0 if found is None else found[0]
 
     async def find_command(self, scope: str) -> StoredEvent | None:
         """The event that claimed an idempotency scope, if any."""
-        msg = await self._direct_one({"last_by_subj": self._claim_subject(scope)})
-        if msg is None:
+        found = await self._leader_last(self._claim_subject(scope))
+        if found is None:
             return None
-        claim = _decode_claim(msg.data)
+        claim = _decode_claim(found[1])
         events = await self.read(claim.execution_id, claim.version)
         return events[-1] if events and events[-1].version == claim.version else None
 
@@ -464,17 +473,28 @@ class JetStreamStore:
         key-value bucket, rebuilt from the log, would bound it (issue 7).
         """
         ends: dict[str, tuple[StoredEvent, StoredEvent]] = {}
+        end = await self.last_position()  # the leader's: a replica behind is read again
+        if as_of_position is not None:
+            end = min(end, as_of_position)
         after = 0
-        while True:
-            page = await self.read_all(after, _DIRECT_BATCH * 4)
-            for stored in page:
-                if as_of_position is not None and stored.position > as_of_position:
-                    return ends
-                first = ends.get(stored.execution_id, (stored, stored))[0]
-                ends[stored.execution_id] = (first, stored)
-            if not page:
+        for delay in (0.0, *_CATCH_UP):
+            await asyncio.sleep(delay)
+            while after < end:
+                page = await self.read_all(after, _DIRECT_BATCH * 4)
+                for stored in page:
+                    if stored.position > end:
+                        return ends
+                    first = ends.get(stored.execution_id, (stored, stored))[0]
+                    ends[stored.execution_id] = (first, stored)
+                if not page:
+                    break
+                after = page[-1].position
+            if after >= end:
                 return ends
-            after = page[-1].position
+        raise StoreError(
+            f"the JetStream replicas answering reads of {self.stream} stay behind position "
+            f"{end}; try again when the cluster has caught up"
+        )
 
     # import
 
@@ -553,23 +573,19 @@ class JetStreamStore:
             raise StoreError(f"JetStream did not answer {subject} ({error!r})") from error
         return msgspec.json.decode(reply.data)
 
-    async def _direct_one(self, request: dict[str, Any]) -> Msg | None:
-        """One message by direct get, or None if there is none."""
-        nc = self._connected("reading")
-        try:
-            msg = await nc.request(
-                f"$JS.API.DIRECT.GET.{self.stream}", _encode(request), timeout=self.timeout
-            )
-        except Exception as error:
+    async def _leader_last(self, subject: str) -> tuple[int, bytes] | None:
+        """The sequence and body of the last message on ``subject`` (wildcards allowed), as
+        the stream's leader holds it; None if there is none."""
+        reply = await self._api(f"$JS.API.STREAM.MSG.GET.{self.stream}", {"last_by_subj": subject})
+        error = reply.get("error")
+        if error is not None:
+            if error.get("err_code") == _NO_MESSAGE:
+                return None
             raise StoreError(
-                f"JetStream did not answer a read of {self.stream} ({error!r})"
-            ) from error
-        status = msg.headers.get("Status") if msg.headers else None
-        if status == "404":
-            return None
-        if status is not None:
-            raise StoreError(f"JetStream refused a read of {self.stream}: {msg.headers}")
-        return msg
+                f"JetStream refused a read of {self.stream} ({error.get('description')})"
+            )
+        message = reply["message"]
+        return int(message["seq"]), base64.b64decode(message.get("data") or b"")
 
     async def _direct_all(self, subject: str, first: int, limit: int | None) -> list[Msg]:
         """The messages on ``subject`` from sequence ``first``, up to ``limit`` of them (all
