@@ -15,6 +15,7 @@ import pytest
 from evflow.audit import verify_store
 from evflow.errors import ConcurrencyError, DuplicateCommand, StoreError
 from evflow.nats_server import NatsServer
+from evflow.store import JetStreamLog, parse_store
 from evflow.store.jetstream import JetStreamStore
 from evflow.store.sqlite import SqliteStore
 
@@ -85,3 +86,25 @@ async def test_a_sqlite_export_imports_into_jetstream_as_it_was(
             await target.import_records(records)
     finally:
         await target.close()
+
+
+@pytest.mark.parametrize(
+    "url, servers, replicas",
+    [
+        ("jetstream", None, 1),
+        ("jetstream?replicas=3", None, 3),
+        (
+            "nats://a:4222, tls://b:4222,c:4222",
+            ["nats://a:4222", "tls://b:4222", "nats://c:4222"],
+            1,
+        ),
+    ],
+)
+def test_store_urls_name_a_jetstream_log(url: str, servers: list[str] | None, replicas: int):
+    assert parse_store(url) == JetStreamLog(servers, replicas)
+
+
+@pytest.mark.parametrize("url", ["jetstream?replicas=0", "jetstream?replicas=x", "jetstream?r=3"])
+def test_a_bad_jetstream_option_is_refused_naming_it(url: str):
+    with pytest.raises(StoreError, match="the only option is replicas, from 1 to 5"):
+        parse_store(url)

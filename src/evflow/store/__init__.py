@@ -220,9 +220,9 @@ def parse_store(url: str) -> SqliteLog | JetStreamLog:
 
     base, _, query = url.partition("?")
     if base == "jetstream" or base.startswith("nats://"):
-        servers = None if base == "jetstream" else base.split(",")
+        servers = None if base == "jetstream" else [s.strip() for s in base.split(",")]
         if servers is not None:
-            servers = [s if s.startswith("nats://") else f"nats://{s}" for s in servers]
+            servers = [s if "://" in s else f"nats://{s}" for s in servers if s]
         return JetStreamLog(servers, _replicas(url, query))
     path = url.removeprefix("sqlite:///")
     if not url.startswith("sqlite:///") or not path:
@@ -264,7 +264,7 @@ async def open_store(
     if isinstance(log, JetStreamLog):
         from .jetstream import JetStreamStore
 
-        servers = log.servers or nats_url.split(",")
+        servers = log.servers or [s.strip() for s in nats_url.split(",") if s.strip()]
         store = JetStreamStore(servers, replicas=log.replicas, read_only=read_only)
     else:
         from .sqlite import SqliteStore

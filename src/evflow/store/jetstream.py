@@ -34,7 +34,6 @@ by compare-and-set, so two engines never move it back.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import logging
 from collections import OrderedDict
@@ -56,14 +55,21 @@ from ..state import Status, status_after
 from ..subjects import token
 from ..timers import Timer, pending_timer
 from . import ExecutionSummary, check_append
+from .jetstream_requests import (
+    DIRECT_BATCH,
+    StreamRequests,
+    atomic_batch,
+    bucket_if_any,
+    encode,
+    sequence_of,
+    stored_at,
+)
 from .rows import chained_row, record, stored_event
 
 logger = logging.getLogger(__name__)
 
-_DIRECT_BATCH = 256
-"""Messages asked for at once from a direct get."""
-_NO_MESSAGE = 10037
-"""JetStream's error code for a message get that finds none."""
+_EMPTY = {"Nats-Expected-Last-Subject-Sequence": "0"}
+"""A claim's header: its subject must hold nothing yet (the scope is unclaimed)."""
 _CATCH_UP = (0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 """Seconds between reads of an execution a replica answered from behind this store's own
 appends."""
@@ -103,7 +109,6 @@ class _Head(msgspec.Struct, frozen=True):
 
 
 _NO_HEAD = _Head(0, None, 0)
-_encode = msgspec.json.Encoder().encode
 _decode_entry = msgspec.json.Decoder(_Entry).decode
 _decode_claim = msgspec.json.Decoder(_Claim).decode
 
@@ -158,7 +163,7 @@ class JetStreamStore:
         js = self._nc.jetstream(timeout=self.timeout)
         if self.read_only:
             await self._find_stream()
-            self._kv = await _bucket_if_any(js, self.bucket)
+            self._kv = await bucket_if_any(js, self.bucket)
         else:
             await self._ensure_stream()
             self._kv = await js.create_key_value(
@@ -172,7 +177,7 @@ class JetStreamStore:
         )
 
     async def _find_stream(self) -> None:
-        reply = await self._api(f"$JS.API.STREAM.INFO.{self.stream}", {})
+        reply = await self._wire("asking JetStream").api(f"$JS.API.STREAM.INFO.{self.stream}", {})
         if "error" in reply:
             await self.close()
             raise StoreError(
@@ -192,7 +197,8 @@ class JetStreamStore:
             "deny_purge": True,
             "duplicate_window": 120_000_000_000,
         }
-        reply = await self._api(f"$JS.API.STREAM.CREATE.{self.stream}", config)
+        create = f"$JS.API.STREAM.CREATE.{self.stream}"
+        reply = await self._wire("creating the stream").api(create, config)
         error = reply.get("error")
         if error and error.get("err_code") != 10058:  # 10058: it exists, perhaps as configured
             refused = error.get("description")
@@ -238,33 +244,29 @@ class JetStreamStore:
         if head.version != expected_version:
             raise _clash(execution_id, head.version, expected_version)
 
-        rows, prev_hash = [], head.hash
-        for item in events:
-            row = chained_row(item, prev_hash)
-            rows.append(row)
-            prev_hash = row[7]  # type: ignore[assignment]
-        claims = [(row[8], item) for row, item in zip(rows, events, strict=True) if row[8]]
+        entries = _chained(events, head.hash)
+        claims = [(entry.scope, item) for entry, item in zip(entries, events, strict=True)]
+        claims = [(scope, item) for scope, item in claims if scope is not None]
         messages = [
-            (self._claim_subject(scope), _encode(_Claim(item.execution_id, item.version)),  # type: ignore[arg-type]
-             {"Nats-Expected-Last-Subject-Sequence": "0"})
+            (self._claim_subject(scope), encode(_Claim(execution_id, item.version)), _EMPTY)
             for scope, item in claims
-        ]  # fmt: skip
-        for index, row in enumerate(rows):
-            headers = {"Nats-Msg-Id": f"{execution_id}:{row[1]}"}
+        ]
+        for index, entry in enumerate(entries):
+            headers = {"Nats-Msg-Id": f"{execution_id}:{entry.version}"}
             if index == 0:
                 headers["Nats-Expected-Last-Subject-Sequence"] = str(head.sequence)
-            messages.append((subject, _encode(_Entry(*row[:5], Raw(row[5]), *row[6:])), headers))  # type: ignore[arg-type]
+            messages.append((subject, encode(entry), headers))
 
         async with self._inflight:
-            ack = await _atomic_batch(nc, messages, self.timeout, self.stream)
+            ack = await atomic_batch(nc, messages, self.timeout, self.stream)
         if "error" in ack:
             self._heads.pop(execution_id, None)
             raise await self._refusal(execution_id, expected_version, claims, ack["error"])
 
-        last = ack["seq"]
+        last, first = ack["seq"], ack["seq"] - len(entries) + 1  # the events end the batch
         stored = [
-            replace(item, position=last - len(rows) + offset + 1, prev_hash=row[6], hash=row[7])
-            for offset, (item, row) in enumerate(zip(events, rows, strict=True))
+            replace(item, position=first + offset, prev_hash=entry.prev_hash, hash=entry.hash)
+            for offset, (item, entry) in enumerate(zip(events, entries, strict=True))
         ]
         self._remember(execution_id, _Head(stored[-1].version, stored[-1].hash, last))
         return stored
@@ -283,7 +285,7 @@ class JetStreamStore:
 
     async def _read_head(self, execution_id: str) -> _Head:
         """The execution's latest event, as the stream's leader holds it."""
-        found = await self._leader_last(self._subject(execution_id))
+        found = await self._wire("reading").leader_last(self._subject(execution_id))
         if found is None:
             return _NO_HEAD
         sequence, data = found
@@ -339,7 +341,8 @@ class JetStreamStore:
         if to_version is not None:
             want = min(want, to_version)
         for delay in _CATCH_UP:
-            events = [_stored(msg) for msg in await self._direct_all(subject, 1, to_version)]
+            found = await self._wire("reading").direct_all(subject, 1, to_version)
+            events = [_stored(msg) for msg in found]
             if (events[-1].version if events else 0) >= want:
                 return events
             await asyncio.sleep(delay)
@@ -360,7 +363,8 @@ class JetStreamStore:
 
     async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[StoredEvent]:
         """Events of all executions in global order, after ``after_position``."""
-        messages = await self._direct_all(f"{self._events}.*", after_position + 1, limit)
+        wire = self._wire("reading")
+        messages = await wire.direct_all(f"{self._events}.*", after_position + 1, limit)
         return [_stored(msg) for msg in messages]
 
     async def records(
@@ -368,7 +372,7 @@ class JetStreamStore:
     ) -> list[Record]:
         """Events exactly as stored, in log order; see ``EventStore``."""
         subject = self._subject(execution_id) if execution_id is not None else f"{self._events}.*"
-        messages = await self._direct_all(subject, after_position + 1, limit)
+        messages = await self._wire("reading").direct_all(subject, after_position + 1, limit)
         return [_record(msg) for msg in messages]
 
     async def is_empty(self) -> bool:
@@ -378,12 +382,12 @@ class JetStreamStore:
     async def last_position(self) -> int:
         """The position of the latest event in the log (as its leader holds it); 0 when it
         is empty."""
-        found = await self._leader_last(f"{self._events}.*")
+        found = await self._wire("reading").leader_last(f"{self._events}.*")
         return 0 if found is None else found[0]
 
     async def find_command(self, scope: str) -> StoredEvent | None:
         """The event that claimed an idempotency scope, if any."""
-        found = await self._leader_last(self._claim_subject(scope))
+        found = await self._wire("reading").leader_last(self._claim_subject(scope))
         if found is None:
             return None
         claim = _decode_claim(found[1])
@@ -480,7 +484,7 @@ class JetStreamStore:
         for delay in (0.0, *_CATCH_UP):
             await asyncio.sleep(delay)
             while after < end:
-                page = await self.read_all(after, _DIRECT_BATCH * 4)
+                page = await self.read_all(after, DIRECT_BATCH * 4)
                 for stored in page:
                     if stored.position > end:
                         return ends
@@ -525,20 +529,20 @@ class JetStreamStore:
                     execution_id=item.execution_id,
                 )
             while last + 1 < item.position:
-                last = await _stored_at(js, self._gaps, b"", last)
+                last = await stored_at(js, self._gaps, b"", last)
             entry = _Entry(
                 item.execution_id, item.version, item.type, item.schema_version, item.at,
                 item.data, item.prev_hash, item.hash, item.scope,
             )  # fmt: skip
-            last = await _stored_at(js, self._subject(item.execution_id), _encode(entry), last)
+            last = await stored_at(js, self._subject(item.execution_id), encode(entry), last)
         for item in records:
             if item.scope is not None:
-                claim = _encode(_Claim(item.execution_id, item.version))
-                await _stored_at(js, self._claim_subject(item.scope), claim, None)
+                claim = encode(_Claim(item.execution_id, item.version))
+                await stored_at(js, self._claim_subject(item.scope), claim, None)
         self._heads.clear()
 
     async def _stream_last(self) -> int:
-        reply = await self._api(f"$JS.API.STREAM.INFO.{self.stream}", {})
+        reply = await self._wire("asking JetStream").api(f"$JS.API.STREAM.INFO.{self.stream}", {})
         return int(reply.get("state", {}).get("last_seq", 0))
 
     # NATS requests
@@ -565,128 +569,15 @@ class JetStreamStore:
             raise StoreError(f"the JetStream log is closed; open it before {doing}")
         return self._nc
 
-    async def _api(self, subject: str, body: dict[str, Any]) -> dict[str, Any]:
-        nc = self._connected("asking JetStream")
-        try:
-            reply = await nc.request(subject, _encode(body), timeout=self.timeout)
-        except Exception as error:
-            raise StoreError(f"JetStream did not answer {subject} ({error!r})") from error
-        return msgspec.json.decode(reply.data)
-
-    async def _leader_last(self, subject: str) -> tuple[int, bytes] | None:
-        """The sequence and body of the last message on ``subject`` (wildcards allowed), as
-        the stream's leader holds it; None if there is none."""
-        reply = await self._api(f"$JS.API.STREAM.MSG.GET.{self.stream}", {"last_by_subj": subject})
-        error = reply.get("error")
-        if error is not None:
-            if error.get("err_code") == _NO_MESSAGE:
-                return None
-            raise StoreError(
-                f"JetStream refused a read of {self.stream} ({error.get('description')})"
-            )
-        message = reply["message"]
-        return int(message["seq"]), base64.b64decode(message.get("data") or b"")
-
-    async def _direct_all(self, subject: str, first: int, limit: int | None) -> list[Msg]:
-        """The messages on ``subject`` from sequence ``first``, up to ``limit`` of them (all
-        if None), in order, by batched direct gets."""
-        found: list[Msg] = []
-        sequence = first
-        while limit is None or len(found) < limit:
-            want = _DIRECT_BATCH if limit is None else min(_DIRECT_BATCH, limit - len(found))
-            page, pending = await self._direct_batch(subject, sequence, want)
-            found += page
-            if not page or not pending:
-                break
-            sequence = _sequence(page[-1]) + 1
-        return found
-
-    async def _direct_batch(self, subject: str, sequence: int, batch: int) -> tuple[list[Msg], int]:
-        nc = self._connected("reading")
-        inbox = nc.new_inbox()
-        subscription = await nc.subscribe(inbox)
-        request = {"next_by_subj": subject, "seq": sequence, "batch": batch}
-        try:
-            await nc.publish(f"$JS.API.DIRECT.GET.{self.stream}", _encode(request), reply=inbox)
-            page: list[Msg] = []
-            while True:
-                msg = await subscription.next_msg(timeout=self.timeout)
-                status = msg.headers.get("Status") if msg.headers else None
-                if status is None:
-                    page.append(msg)
-                    continue
-                if status == "404":
-                    return page, 0
-                if status == "204":
-                    return page, int(msg.headers.get("Nats-Num-Pending", "0"))
-                raise StoreError(f"JetStream refused a read of {self.stream}: {msg.headers}")
-        except nats.errors.TimeoutError as error:
-            raise StoreError(f"JetStream did not answer a read of {self.stream} in time") from error
-        finally:
-            await subscription.unsubscribe()
-
-
-async def _bucket_if_any(js: Any, bucket: str) -> Any:
-    """The key-value bucket, or None if no engine made it yet (a read-only open)."""
-    try:
-        return await js.key_value(bucket)
-    except Exception:  # nats-py raises BucketNotFoundError, or NotFoundError on old servers
-        return None
-
-
-async def _stored_at(js: Any, subject: str, payload: bytes, after: int | None) -> int:
-    """Publish one message, right after sequence ``after`` if given (else on an empty
-    subject), and return its sequence."""
-    headers = (
-        {"Nats-Expected-Last-Sequence": str(after)}
-        if after is not None
-        else {"Nats-Expected-Last-Subject-Sequence": "0"}
-    )
-    try:
-        ack = await js.publish(subject, payload, headers=headers)
-    except Exception as error:
-        raise StoreError(f"JetStream refused an imported message on {subject} ({error})") from error
-    return int(ack.seq)
-
-
-async def _atomic_batch(
-    nc: NATS, messages: list[tuple[str, bytes, dict[str, str]]], timeout: float, stream: str
-) -> dict[str, Any]:
-    """Publish ``messages`` as one atomic batch and return JetStream's answer to its commit."""
-    batch = hashlib.sha256(nc.new_inbox().encode()).hexdigest()[:32]
-    inbox = nc.new_inbox()
-    subscription = await nc.subscribe(inbox, max_msgs=1)
-    try:
-        for number, (subject, payload, headers) in enumerate(messages, start=1):
-            headers = {**headers, "Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(number)}
-            if number == len(messages):
-                headers["Nats-Batch-Commit"] = "1"
-                await nc.publish(subject, payload, reply=inbox, headers=headers)
-            else:
-                await nc.publish(subject, payload, headers=headers)
-        try:
-            reply = await subscription.next_msg(timeout=timeout)
-        except nats.errors.TimeoutError as error:
-            raise StoreError(
-                "JetStream did not acknowledge an append in time; it may or may not have "
-                "been stored: read the execution again before retrying"
-            ) from error
-    finally:
-        await subscription.unsubscribe()
-    if reply.headers and reply.headers.get("Status") == "503":
-        raise StoreError(f"no JetStream stream {stream} answers appends; open the store first")
-    return msgspec.json.decode(reply.data)
-
-
-def _sequence(msg: Msg) -> int:
-    assert msg.headers is not None
-    return int(msg.headers["Nats-Sequence"])
+    def _wire(self, doing: str) -> StreamRequests:
+        """Requests about the log's stream, on the open connection."""
+        return StreamRequests(self._connected(doing), self.stream, self.timeout)
 
 
 def _stored(msg: Msg) -> StoredEvent:
     entry = _decode_entry(msg.data)
     return stored_event(
-        _sequence(msg), entry.execution_id, entry.version, entry.type, entry.schema_version,
+        sequence_of(msg), entry.execution_id, entry.version, entry.type, entry.schema_version,
         entry.at, bytes(entry.data).decode(), entry.prev_hash, entry.hash,
     )  # fmt: skip
 
@@ -694,9 +585,20 @@ def _stored(msg: Msg) -> StoredEvent:
 def _record(msg: Msg) -> Record:
     entry = _decode_entry(msg.data)
     return record(
-        _sequence(msg), entry.execution_id, entry.version, entry.type, entry.schema_version,
+        sequence_of(msg), entry.execution_id, entry.version, entry.type, entry.schema_version,
         entry.at, bytes(entry.data).decode(), entry.prev_hash, entry.hash, entry.scope,
     )  # fmt: skip
+
+
+def _chained(events: Sequence[StoredEvent], prev_hash: str | None) -> list[_Entry]:
+    """The message bodies of an append's events, each hash chained to the one before."""
+    entries = []
+    for item in events:
+        values = chained_row(item, prev_hash)  # the SQLite log's columns, in its order
+        entry = _Entry(*values[:5], Raw(values[5]), *values[6:])  # type: ignore[arg-type]
+        entries.append(entry)
+        prev_hash = entry.hash
+    return entries
 
 
 def _summary(first: StoredEvent, last: StoredEvent) -> ExecutionSummary:
