@@ -321,6 +321,15 @@ def report(figures: dict[str, Any]) -> None:
     console.print(f"machine: {figures['machine']}")
 
 
+def machine() -> str:
+    """The system, cores, memory and Python the figures were measured on."""
+    return (
+        f"{platform.system()} {platform.release()} {platform.machine()}, "
+        f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
+        f"Python {platform.python_version()}"
+    )
+
+
 @click.command()
 @click.option("--clients", default="1,64", show_default=True, help="Client counts, by commas.")
 @click.option("--seconds", default=10.0, show_default=True, help="Measured seconds per count.")
@@ -330,11 +339,7 @@ def main(clients: str, seconds: float, paused: int, json_path: str | None) -> No
     """Measure the cycle, fold and replay, and start-up with many paused executions."""
     counts = [int(n) for n in clients.split(",")]
     figures = asyncio.run(run(counts, seconds, paused))
-    figures["machine"] = (
-        f"{platform.system()} {platform.release()} {platform.machine()}, "
-        f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
-        f"Python {platform.python_version()}"
-    )
+    figures["machine"] = machine()
     figures["command"] = ("ops/bench " + " ".join(sys.argv[1:])).strip()
     report(figures)
     if json_path:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -16,14 +15,13 @@ from typing import Any
 
 import click
 import nats
-import psutil
 from rich.console import Console
 from rich.table import Table
 
 OPS = Path(__file__).resolve().parent
 sys.path.insert(0, str(OPS))
 
-from bench import load, percentile, ready  # noqa: E402
+from bench import load, machine, percentile, ready  # noqa: E402
 
 from evflow.nats_cluster import NatsCluster  # noqa: E402
 from evflow.nats_server import NatsServer  # noqa: E402
@@ -138,15 +136,10 @@ def main(engines: str, clients: int, seconds: float, json_path: str | None) -> N
             f"{row['resume_to_completed_p50_ms']:.2f}",
         )
     console.print(table)
-    machine = (
-        f"{platform.system()} {platform.release()} {platform.machine()}, "
-        f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
-        f"Python {platform.python_version()}"
-    )
     command = ("ops/bench-cluster " + " ".join(sys.argv[1:])).strip()
-    console.print(f"command: {command}\nmachine: {machine}")
+    console.print(f"command: {command}\nmachine: {machine()}")
     if json_path:
-        figures = {"rows": rows, "command": command, "machine": machine}
+        figures = {"rows": rows, "command": command, "machine": machine()}
         Path(json_path).write_text(json.dumps(figures, indent=2) + "\n")
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
@@ -19,6 +19,9 @@ from ..chain import Record
 from ..events import Event, ExecutionCancelled, ExecutionResumed, ExecutionStarted, StoredEvent
 from ..state import Status
 from ..timers import Timer
+
+if TYPE_CHECKING:
+    from ..errors import ConcurrencyError
 
 
 class ExecutionSummary(msgspec.Struct, frozen=True):
@@ -178,6 +181,18 @@ def check_append(execution_id: str, expected_version: int, events: Sequence[Stor
             )
 
 
+def version_clash(execution_id: str, current: int, expected: int) -> ConcurrencyError:
+    """The refusal of an append that expected ``expected`` where the log is at ``current``."""
+    from ..errors import ConcurrencyError
+
+    return ConcurrencyError(
+        f"execution {execution_id} is at version {current}, not {expected}: another writer "
+        "appended first; re-read it",
+        execution_id=execution_id,
+        version=current,
+    )
+
+
 def invoke_scope(flow: str, key: str) -> str:
     """Idempotency scope of an invoke of ``flow`` with ``key``."""
     return f"invoke/{flow}/{key}"
@@ -289,4 +304,5 @@ __all__ = [
     "parse_store",
     "resume_scope",
     "store_path",
+    "version_clash",
 ]

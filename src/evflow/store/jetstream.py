@@ -49,12 +49,12 @@ from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from ..chain import Record
-from ..errors import ConcurrencyError, DuplicateCommand, EvflowError, StoreError
+from ..errors import DuplicateCommand, EvflowError, StoreError
 from ..events import SETTLING, ExecutionStarted, StoredEvent
 from ..state import Status, status_after
 from ..subjects import token
 from ..timers import Timer, pending_timer
-from . import ExecutionSummary, check_append
+from . import ExecutionSummary, check_append, version_clash
 from .jetstream_requests import (
     DIRECT_BATCH,
     StreamRequests,
@@ -242,7 +242,7 @@ class JetStreamStore:
         subject = self._subject(execution_id)
         head = await self._head(execution_id, expected_version)
         if head.version != expected_version:
-            raise _clash(execution_id, head.version, expected_version)
+            raise version_clash(execution_id, head.version, expected_version)
 
         entries = _chained(events, head.hash)
         claims = [(entry.scope, item) for entry, item in zip(entries, events, strict=True)]
@@ -310,7 +310,7 @@ class JetStreamStore:
         scope was claimed, or else what JetStream said."""
         head = await self._read_head(execution_id)
         if head.version != expected_version:
-            return _clash(execution_id, head.version, expected_version)
+            return version_clash(execution_id, head.version, expected_version)
         for scope, item in claims:
             if await self.find_command(scope) is not None:
                 return DuplicateCommand(
@@ -614,13 +614,4 @@ def _summary(first: StoredEvent, last: StoredEvent) -> ExecutionSummary:
         started_at=first.at,
         updated_at=last.at,
         position=last.position,
-    )
-
-
-def _clash(execution_id: str, current: int, expected: int) -> ConcurrencyError:
-    return ConcurrencyError(
-        f"execution {execution_id} is at version {current}, not {expected}: another writer "
-        "appended first; re-read it",
-        execution_id=execution_id,
-        version=current,
     )

@@ -20,6 +20,7 @@ from msgspec.structs import replace
 
 from ..errors import ConcurrencyError, DuplicateCommand, StoreError
 from ..events import StoredEvent
+from . import version_clash
 from .rows import chained_row
 
 Outcome = list[StoredEvent] | ConcurrencyError | DuplicateCommand | None
@@ -212,7 +213,7 @@ def _judge(request: Append, heads: dict[str, tuple[int, str | None]]) -> Concurr
     execution_id = request.execution_id
     current = heads.get(execution_id, (0, None))[0]
     if current != request.expected_version:
-        return _clash(execution_id, current, request.expected_version)
+        return version_clash(execution_id, current, request.expected_version)
     return None
 
 
@@ -302,7 +303,7 @@ def _insert(db: sqlite3.Connection, request: Append) -> list[StoredEvent]:
     ).fetchone()
     current, prev_hash = row or (0, None)
     if current != request.expected_version:
-        raise _clash(execution_id, current, request.expected_version)
+        raise version_clash(execution_id, current, request.expected_version)
 
     stored = []
     for item in request.events:
@@ -324,15 +325,6 @@ def _refusal(item: StoredEvent, scope: str | None, error: sqlite3.IntegrityError
     return ConcurrencyError(
         f"execution {item.execution_id} already has version {item.version}; re-read it",
         execution_id=item.execution_id,
-    )
-
-
-def _clash(execution_id: str, current: int, expected: int) -> ConcurrencyError:
-    return ConcurrencyError(
-        f"execution {execution_id} is at version {current}, not {expected}: another writer "
-        "appended first; re-read it",
-        execution_id=execution_id,
-        version=current,
     )
 
 
