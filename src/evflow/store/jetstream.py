@@ -49,7 +49,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from ..chain import Record
-from ..errors import DuplicateCommand, EvflowError, StoreError
+from ..errors import DuplicateCommand, EvflowError, StoreError, Unavailable
 from ..events import SETTLING, ExecutionStarted, StoredEvent
 from ..state import Status, status_after
 from ..subjects import token
@@ -346,7 +346,7 @@ class JetStreamStore:
             if (events[-1].version if events else 0) >= want:
                 return events
             await asyncio.sleep(delay)
-        raise StoreError(
+        raise Unavailable(
             f"execution {execution_id}: the JetStream replicas answering reads stay behind "
             f"its version {want}; try again when the cluster has caught up",
             execution_id=execution_id,
@@ -495,7 +495,7 @@ class JetStreamStore:
                 after = page[-1].position
             if after >= end:
                 return ends
-        raise StoreError(
+        raise Unavailable(
             f"the JetStream replicas answering reads of {self.stream} stay behind position "
             f"{end}; try again when the cluster has caught up"
         )

@@ -12,7 +12,7 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from ..errors import StoreError
+from ..errors import StoreError, Unavailable
 
 DIRECT_BATCH = 256
 """Messages asked for at once from a direct get."""
@@ -36,7 +36,7 @@ class StreamRequests:
         try:
             reply = await nc.request(subject, encode(body), timeout=self.timeout)
         except Exception as error:
-            raise StoreError(f"JetStream did not answer {subject} ({error!r})") from error
+            raise Unavailable(f"JetStream did not answer {subject} ({error!r})") from error
         return msgspec.json.decode(reply.data)
 
     async def leader_last(self, subject: str) -> tuple[int, bytes] | None:
@@ -89,7 +89,9 @@ class StreamRequests:
                     return page, int(msg.headers.get("Nats-Num-Pending", "0"))
                 raise StoreError(f"JetStream refused a read of {self.stream}: {msg.headers}")
         except nats.errors.TimeoutError as error:
-            raise StoreError(f"JetStream did not answer a read of {self.stream} in time") from error
+            raise Unavailable(
+                f"JetStream did not answer a read of {self.stream} in time"
+            ) from error
         finally:
             await subscription.unsubscribe()
 
@@ -135,14 +137,14 @@ async def atomic_batch(
         try:
             reply = await subscription.next_msg(timeout=timeout)
         except nats.errors.TimeoutError as error:
-            raise StoreError(
+            raise Unavailable(
                 "JetStream did not acknowledge an append in time; it may or may not have "
                 "been stored: read the execution again before retrying"
             ) from error
     finally:
         await subscription.unsubscribe()
     if reply.headers and reply.headers.get("Status") == "503":
-        raise StoreError(f"no JetStream stream {stream} answers appends; open the store first")
+        raise Unavailable(f"no JetStream stream {stream} answers appends; open the store first")
     return msgspec.json.decode(reply.data)
 
 
