@@ -36,7 +36,10 @@ class StreamRequests:
         try:
             reply = await nc.request(subject, encode(body), timeout=self.timeout)
         except Exception as error:
-            raise Unavailable(f"JetStream did not answer {subject} ({error!r})") from error
+            raise Unavailable(
+                f"JetStream did not answer {subject} ({error!r}); check that the NATS "
+                "servers run with JetStream (-js), then try again"
+            ) from error
         return msgspec.json.decode(reply.data)
 
     async def leader_last(self, subject: str) -> tuple[int, bytes] | None:
@@ -48,7 +51,8 @@ class StreamRequests:
             if error.get("err_code") == _NO_MESSAGE:
                 return None
             raise StoreError(
-                f"JetStream refused a read of {self.stream} ({error.get('description')})"
+                f"JetStream refused a read of {subject} in {self.stream} "
+                f"({error.get('description')}); check that the stream exists (nats stream ls)"
             )
         message = reply["message"]
         return int(message["seq"]), base64.b64decode(message.get("data") or b"")
@@ -87,10 +91,15 @@ class StreamRequests:
                     return page, 0
                 if status == "204":
                     return page, int(msg.headers.get("Nats-Num-Pending", "0"))
-                raise StoreError(f"JetStream refused a read of {self.stream}: {msg.headers}")
+                raise StoreError(
+                    f"JetStream refused a read of {subject} in {self.stream} ({status} "
+                    f"{msg.headers.get('Description', '')}); the stream needs allow_direct, "
+                    "which the engine sets when it creates it"
+                )
         except nats.errors.TimeoutError as error:
             raise Unavailable(
-                f"JetStream did not answer a read of {self.stream} in time"
+                f"JetStream did not answer a read of {subject} in {self.stream} in time; "
+                "try again once the cluster has a leader for it"
             ) from error
         finally:
             await subscription.unsubscribe()
@@ -115,7 +124,10 @@ async def stored_at(js: Any, subject: str, payload: bytes, after: int | None) ->
     try:
         ack = await js.publish(subject, payload, headers=headers)
     except Exception as error:
-        raise StoreError(f"JetStream refused an imported message on {subject} ({error})") from error
+        raise StoreError(
+            f"JetStream refused an imported message on {subject} ({error}); the log is "
+            "partly imported: remove its stream (nats stream rm) and import again"
+        ) from error
     return int(ack.seq)
 
 
@@ -144,7 +156,10 @@ async def atomic_batch(
     finally:
         await subscription.unsubscribe()
     if reply.headers and reply.headers.get("Status") == "503":
-        raise Unavailable(f"no JetStream stream {stream} answers appends; open the store first")
+        raise Unavailable(
+            f"no JetStream stream {stream} answered an append, so nothing was stored; it may "
+            "be electing a leader (try again), or be missing (start the engine to create it)"
+        )
     return msgspec.json.decode(reply.data)
 
 
