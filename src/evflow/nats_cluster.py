@@ -10,6 +10,7 @@ under the same name and finds its JetStream data where it left it.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -87,6 +88,8 @@ class NatsCluster:
         async with asyncio.timeout(timeout):
             for url in running:
                 await _until_jetstream_answers(url)
+            if len(running) == NODES:
+                await _until_replicas_placeable(running[0])
 
     def kill(self, index: int) -> None:
         """SIGKILL node ``index``: no goodbye to its peers, nothing flushed."""
@@ -122,6 +125,28 @@ async def _until_jetstream_answers(url: str) -> None:
                 await asyncio.sleep(0.1)
                 continue
             if b'"error"' not in reply.data:
+                return
+            await asyncio.sleep(0.1)
+    finally:
+        await nc.close()
+
+
+async def _until_replicas_placeable(url: str) -> None:
+    """Wait until a stream with a replica on every node can be made: JetStream answering
+    is not enough, as the meta leader may not yet count every peer as online."""
+    probe = "EVFLOW_READY_PROBE"
+    config = {"name": probe, "subjects": ["evflow.ready-probe"], "num_replicas": NODES}
+    nc = await nats.connect(url, allow_reconnect=False)
+    try:
+        while True:
+            try:
+                reply = await nc.request(
+                    f"$JS.API.STREAM.CREATE.{probe}", json.dumps(config).encode(), timeout=2
+                )
+            except (NoRespondersError, NatsTimeout):
+                reply = None
+            if reply is not None and b'"error"' not in reply.data:
+                await nc.request(f"$JS.API.STREAM.DELETE.{probe}", b"", timeout=2)
                 return
             await asyncio.sleep(0.1)
     finally:

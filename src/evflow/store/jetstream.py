@@ -257,8 +257,11 @@ class JetStreamStore:
                 headers["Nats-Expected-Last-Subject-Sequence"] = str(head.sequence)
             messages.append((subject, encode(entry), headers))
 
-        async with self._inflight:
-            ack = await atomic_batch(nc, messages, self.timeout, self.stream)
+        try:
+            async with self._inflight:
+                ack = await atomic_batch(nc, messages, self.timeout, self.stream)
+        except Unavailable as unanswered:
+            ack = {"seq": await self._landed(execution_id, expected_version, entries, unanswered)}
         if "error" in ack:
             self._heads.pop(execution_id, None)
             raise await self._refusal(execution_id, expected_version, claims, ack["error"])
@@ -270,6 +273,27 @@ class JetStreamStore:
         ]
         self._remember(execution_id, _Head(stored[-1].version, stored[-1].hash, last))
         return stored
+
+    async def _landed(
+        self, execution_id: str, expected: int, entries: list[_Entry], unanswered: Unavailable
+    ) -> int:
+        """The sequence of an append's last event when JetStream stored it but its answer
+        was lost (a node restarting): the leader's head for the execution is that event.
+        Asked a few times, as an election may be under way. Otherwise the append is
+        refused as the log shows it: moved on by another writer, or still not stored (then
+        ``unanswered`` is raised, which says it may yet land: read the execution again)."""
+        self._heads.pop(execution_id, None)
+        for delay in _CATCH_UP:
+            await asyncio.sleep(delay)
+            try:
+                head = await self._read_head(execution_id)
+            except Unavailable:
+                continue
+            if head.hash == entries[-1].hash:
+                return head.sequence
+            if head.version != expected:
+                raise version_clash(execution_id, head.version, expected)
+        raise unanswered
 
     async def _head(self, execution_id: str, expected_version: int) -> _Head:
         """The head an append is judged against: the one remembered if it agrees, else the

@@ -91,6 +91,11 @@ class StreamRequests:
                     return page, 0
                 if status == "204":
                     return page, int(msg.headers.get("Nats-Num-Pending", "0"))
+                if status == "503":  # no replica answers: a node restarting, an election
+                    raise Unavailable(
+                        f"no JetStream replica answered a read of {subject} in {self.stream}; "
+                        "try again once the cluster has a leader for it"
+                    )
                 raise StoreError(
                     f"JetStream refused a read of {subject} in {self.stream} ({status} "
                     f"{msg.headers.get('Description', '')}); the stream needs allow_direct, "
