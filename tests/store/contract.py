@@ -32,6 +32,7 @@ from evflow.events import (
     TimerFired,
     TimerStarted,
 )
+from evflow.partitions import partition_of
 from evflow.state import Status, fold
 from evflow.store import EventStore, ExecutionSummary, invoke_scope, resume_scope
 from evflow.timers import Timer
@@ -305,6 +306,27 @@ class StoreContract(abc.ABC):
         await store.append("waiting", 0, [start("waiting"), stored("waiting", 2, timer)])
 
         assert await store.unsettled() == ["started", "resumed", "stepped"]
+
+    async def test_the_start_up_scans_keep_to_the_partitions_asked(self, store: EventStore):
+        """unsettled and pending_timers name only executions of the partitions given: an
+        engine that takes over a partition reads that partition's share."""
+        wake = T0 + timedelta(hours=1)
+        ids = [f"ex{n}" for n in range(12)]
+        for execution_id in ids:
+            await store.append(execution_id, 0, [start(execution_id)])
+            if execution_id[-1] in "02468":
+                await store.append(
+                    execution_id, 1, [stored(execution_id, 2, TimerStarted(1, wake))]
+                )
+        asked = {partition_of(ids[0]), partition_of(ids[1]), partition_of(ids[4])}
+        mine = [e for e in ids if partition_of(e) in asked]
+
+        unsettled = await store.unsettled(asked)
+        timers = await store.pending_timers(asked)
+
+        assert unsettled == [e for e in mine if e[-1] not in "02468"]
+        assert sorted(t.execution_id for t in timers) == sorted(e for e in mine if e[-1] in "02468")
+        assert await store.unsettled(set()) == [] and await store.pending_timers(set()) == []
 
     async def test_unsettled_is_empty_for_an_empty_log(self, store: EventStore):
         """A new log has nothing to drive on."""

@@ -8,7 +8,7 @@ a unique scope in the log, so a repeated command is found again after a restart.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -95,12 +95,14 @@ class EventStore(Protocol):
     async def find_command(self, scope: str) -> StoredEvent | None:
         """The event that claimed an idempotency scope, if any."""
 
-    async def unsettled(self) -> list[str]:
-        """Executions whose last event leaves them running: the engine must drive them on."""
+    async def unsettled(self, partitions: Collection[int] | None = None) -> list[str]:
+        """Executions whose last event leaves them running: the engine must drive them on.
+        Only those in ``partitions`` (``partitions.partition_of``) when given."""
 
-    async def pending_timers(self) -> list[Timer]:
+    async def pending_timers(self, partitions: Collection[int] | None = None) -> list[Timer]:
         """The timer of every execution whose latest event starts one: a wait not yet fired,
-        or a pause with a deadline not yet answered. The engine's scheduler starts from it."""
+        or a pause with a deadline not yet answered. The engine's scheduler starts from it.
+        Only those of executions in ``partitions`` when given."""
 
     async def list_executions(
         self,

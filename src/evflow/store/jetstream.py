@@ -37,7 +37,7 @@ import asyncio
 import hashlib
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import msgspec
@@ -51,6 +51,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from ..chain import Record
 from ..errors import DuplicateCommand, EvflowError, StoreError, Unavailable
 from ..events import SETTLING, ExecutionStarted, StoredEvent
+from ..partitions import partition_of
 from ..state import Status, status_after
 from ..subjects import token
 from ..timers import Timer, pending_timer
@@ -454,16 +455,16 @@ class JetStreamStore:
 
     # scans: start-up and listing
 
-    async def unsettled(self) -> list[str]:
+    async def unsettled(self, partitions: Collection[int] | None = None) -> list[str]:
         """Executions whose last event leaves them running, in the order of those events."""
-        ends = await self._ends(None)
+        ends = await self._ends(None, partitions)
         latest = sorted(ends.values(), key=lambda end: end[1].position)
         return [last.execution_id for _, last in latest if not isinstance(last.event, SETTLING)]
 
-    async def pending_timers(self) -> list[Timer]:
+    async def pending_timers(self, partitions: Collection[int] | None = None) -> list[Timer]:
         """The timer of every execution whose latest event starts one; see ``EventStore``."""
         timers = []
-        for first, last in (await self._ends(None)).values():
+        for first, last in (await self._ends(None, partitions)).values():
             assert isinstance(first.event, ExecutionStarted)
             timer = pending_timer(first.event.flow, last)
             if timer is not None:
@@ -493,8 +494,11 @@ class JetStreamStore:
         rows.sort(key=lambda row: row.position, reverse=True)
         return rows[: max(limit, 0)]
 
-    async def _ends(self, as_of_position: int | None) -> dict[str, tuple[StoredEvent, StoredEvent]]:
-        """Each execution's first and latest events, as of a position (the end if None).
+    async def _ends(
+        self, as_of_position: int | None, partitions: Collection[int] | None = None
+    ) -> dict[str, tuple[StoredEvent, StoredEvent]]:
+        """Each execution's first and latest events, as of a position (the end if None), of
+        the executions in ``partitions`` if given.
 
         Known limit: this reads the whole log, a page at a time, so start-up and each
         listing cost time in proportion to the log's size; a projection kept in a
@@ -512,6 +516,10 @@ class JetStreamStore:
                 for stored in page:
                     if stored.position > end:
                         return ends
+                    if partitions is not None and partition_of(stored.execution_id) not in (
+                        partitions
+                    ):
+                        continue
                     first = ends.get(stored.execution_id, (stored, stored))[0]
                     ends[stored.execution_id] = (first, stored)
                 if not page:

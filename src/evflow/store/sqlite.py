@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from urllib.parse import quote
 
@@ -24,6 +24,7 @@ import aiosqlite
 from ..chain import Record
 from ..errors import StoreError
 from ..events import StoredEvent
+from ..partitions import partition_of
 from ..state import Status
 from ..timers import Timer
 from . import (
@@ -219,13 +220,17 @@ class SqliteStore:
         )
         return rows[0] if rows else None
 
-    async def unsettled(self) -> list[str]:
+    async def unsettled(self, partitions: Collection[int] | None = None) -> list[str]:
         """Executions whose last event leaves them running; see ``sqlite_startup``."""
-        return await sqlite_startup.unsettled(self._query)
+        found = await sqlite_startup.unsettled(self._query)
+        return found if partitions is None else [e for e in found if partition_of(e) in partitions]
 
-    async def pending_timers(self) -> list[Timer]:
+    async def pending_timers(self, partitions: Collection[int] | None = None) -> list[Timer]:
         """The timers of executions whose latest event starts one; see ``EventStore``."""
-        return await sqlite_startup.pending_timers(self._query)
+        found = await sqlite_startup.pending_timers(self._query)
+        if partitions is None:
+            return found
+        return [timer for timer in found if partition_of(timer.execution_id) in partitions]
 
     async def records(
         self, after_position: int = 0, limit: int = 1000, execution_id: str | None = None
