@@ -20,25 +20,36 @@ logger = logging.getLogger(__name__)
 
 
 class _Watch:
-    """Remembers the latest connection error and logs faults once connected."""
+    """Remembers the latest connection error and logs faults once connected: one warning
+    line each (nats-py's default logs a traceback), and of the failed reconnects of an
+    outage only the first, as they repeat every few seconds for each server until it ends.
+    """
 
     def __init__(self, url: str):
         self.url = url
         self.nc: NATS | None = None
         self.last_error: BaseException | None = None
+        self._reconnecting = False
+        self._told = False  # a failure of this outage's reconnects was logged
 
     async def error(self, error: Exception) -> None:
         self.last_error = error
-        if self.nc is not None:
-            logger.warning("NATS connection to %s: %s", self.url, error or type(error).__name__)
+        reason = error or type(error).__name__
+        if self.nc is None:
+            logger.debug("connecting to NATS at %s failed: %s", self.url, reason)
+        elif self._reconnecting and self._told:
+            logger.debug("reconnecting to NATS at %s failed: %s", self.url, reason)
         else:
-            logger.debug("connecting to NATS at %s failed: %s", self.url, error)
+            logger.warning("NATS connection to %s: %s", self.url, reason)
+            self._told = self._reconnecting
 
     async def disconnected(self) -> None:
         if self.nc is not None and not self.nc.is_closed:  # closed: we hung up ourselves
+            self._reconnecting = True
             logger.warning("disconnected from NATS at %s; reconnecting", self.url)
 
     async def reconnected(self) -> None:
+        self._reconnecting = self._told = False
         logger.info("reconnected to NATS at %s", self.url)
 
 
