@@ -495,16 +495,21 @@ async def test_serve_refuses_a_value_it_cannot_use_before_starting_anything(
 async def test_serve_with_an_unreachable_nats_exits_naming_the_url(
     spawn: Spawn, tmp_path: Path
 ) -> None:
-    """``serve --nats URL`` with nothing at URL exits 1 with a message naming it, no traceback."""
+    """``serve --nats URL`` with nothing at URL exits 1 with a message naming it, no
+    traceback, once its start-up timeout has passed."""
     url = f"nats://127.0.0.1:{unused_port()}"
 
-    serve = await spawn("serve", "--app", APP, "--nats", url, "--store", sqlite_url(tmp_path / "x"))
+    store = sqlite_url(tmp_path / "x")
+    serve = await spawn(
+        "serve", "--app", APP, "--nats", url, "--store", store, "--startup-timeout", "3s"
+    )
     try:
         code = await asyncio.wait_for(serve.process.wait(), 15)
     except TimeoutError:
         pytest.fail(f"evflow serve --nats {url} still runs after 15 s:\n{serve.stderr[-1500:]}")
 
     assert code == 1
+    assert f"could not reach NATS at {url} within the start-up timeout" in serve.stderr
     assert f"cannot connect to NATS at {url}" in serve.stderr
     assert "Traceback" not in serve.stderr
 

@@ -158,8 +158,7 @@ async def test_a_killed_nats_node_loses_nothing(
         await check_histories(client, answered)
         # TODO(#7): not checked here, none_left_running: an invoke the outage cut short,
         # unanswered, may leave its execution running until an engine starts (engines do
-        # not take over each other's work), and an engine started while the cluster is
-        # still electing leaders can fail its start on JetStream timeouts.
+        # not take over each other's work).
         assert all(engine.process.returncode is None for engine in engines)
         # No engine died, so no step of an answered invoke ran twice (each call of a step
         # leaves a line; one cut short by the outage, unanswered, may run again: at least once).

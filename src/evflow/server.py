@@ -19,12 +19,18 @@ from .hot import DEFAULT_CAPACITY
 from .intake import Intake
 from .outbox import Outbox
 from .service import EvflowService
-from .store import EventStore, open_store
+from .startup import DEFAULT_TIMEOUT, Startup
+from .store import EventStore, store_at
 from .streams import Streams, StreamSettings
 from .subjects import Subjects
 from .timers import Clock
 
 logger = logging.getLogger(__name__)
+
+_NATS_HINT = (
+    "start a nats-server there, or leave out --nats to run the embedded one; allow longer "
+    "with --startup-timeout"
+)
 
 
 class Server:
@@ -40,6 +46,8 @@ class Server:
         shutdown_timeout: seconds ``stop`` lets commands in flight finish, and then again
             the outbox publish what is left, before giving up on them.
         hot_executions: executions at a pause the engine keeps in memory (``hot``).
+        startup_timeout: seconds ``start`` waits, all told, for NATS and JetStream to
+            answer (see ``startup``).
     """
 
     def __init__(
@@ -52,12 +60,14 @@ class Server:
         streams: StreamSettings | None = None,
         shutdown_timeout: float = 10.0,
         hot_executions: int = DEFAULT_CAPACITY,
+        startup_timeout: float = DEFAULT_TIMEOUT,
     ):
         self.app = app
         self.nats_url = nats_url
         self.subjects = subjects or Subjects()
         self.shutdown_timeout = shutdown_timeout
         self.hot_executions = hot_executions
+        self.startup_timeout = startup_timeout
         self._store_spec = store
         self._clock = clock
         self._stream_settings = streams
@@ -70,37 +80,55 @@ class Server:
 
     async def start(self) -> None:
         """Open the log, connect, drive on interrupted executions, start the timers, then
-        take commands."""
-        spec = self._store_spec
-        self.store = (
-            await open_store(spec, nats_url=self.nats_url) if isinstance(spec, str) else spec
+        take commands.
+
+        Each step that asks NATS is tried again while NATS is out of reach or JetStream
+        elects its leaders, for at most ``startup_timeout`` seconds in all (``Startup``);
+        then, or at once for a failure that will not pass, ``start`` raises.
+        """
+        startup = Startup(self.startup_timeout)
+        self.store = await self._open_store(startup)
+        self.nc = await startup.attempt(
+            f"NATS at {self.nats_url}", lambda: self._connect(startup), hint=_NATS_HINT
         )
-        self.nc = await self._connect()
         streams = Streams(self.nc, self.subjects, self._stream_settings)
-        await streams.ensure()
+        await startup.attempt(
+            f"the JetStream streams {streams.events} and {streams.commands}", streams.ensure
+        )
 
         # Notifications flow from the log from here on, recovered executions' included.
         self.outbox = Outbox(self.store, self.nc, self.subjects)
-        await self.outbox.start()
+        await startup.attempt("the outbox's checkpoint in the log", self.outbox.start)
         self.engine = Engine(
             self.app, self.store, self._clock, self.outbox, hot_executions=self.hot_executions
         )
         self.outbox.follow(self.engine.followed)  # other engines' timers, on a shared log
-        recovered = await self.engine.recover()
+        recovered = await startup.attempt("the log's interrupted executions", self.engine.recover)
         logger.info("recovered %d interrupted executions", recovered)
-        await self.engine.start()
+        await startup.attempt("the log's pending timers", self.engine.start)
 
         # Only now take commands: requests first, then what waits in the commands stream.
         self._service = EvflowService(self.nc, self.engine, self.subjects)
         await self._service.start()
         self.intake = Intake(streams, self.engine, self.subjects, clock=self._clock)
-        await self.intake.start()
+        await startup.attempt(f"the command consumer of {streams.commands}", self.intake.start)
         await self.nc.flush()  # the server knows our subscriptions before we say we listen
         logger.info("listening on %s", self.nats_url)
 
-    async def _connect(self) -> NATS:
-        hint = "start a nats-server there, or leave out --nats to run the embedded one"
-        return await connect(self.nats_url, timeout=5, hint=hint, name="evflow-engine")
+    async def _open_store(self, startup: Startup) -> EventStore:
+        """The log: the one given, or the one the store URL names, opened (and kept, so
+        that ``stop`` closes it even if opening gave up)."""
+        spec = self._store_spec
+        if not isinstance(spec, str):
+            return spec
+        self.store = store_at(spec, nats_url=self.nats_url)
+        await startup.attempt(f"the log {spec}", self.store.open)
+        return self.store
+
+    async def _connect(self, startup: Startup) -> NATS:
+        """Connect within 5 s, or what is left of the start-up timeout if less."""
+        timeout = min(5.0, max(startup.left, 1.0))
+        return await connect(self.nats_url, timeout=timeout, hint=_NATS_HINT, name="evflow-engine")
 
     async def stop(self) -> None:
         """Stop taking commands, finish those in flight, publish what is left, close.

@@ -20,6 +20,7 @@ from nats.js import api as js_api
 from nats.js.errors import APIError
 
 from .errors import EvflowError
+from .startup import may_pass
 from .subjects import Subjects
 
 logger = logging.getLogger(__name__)
@@ -108,6 +109,8 @@ class Streams:
                 await self.js.update_stream(config)
                 logger.info("updated the settings of stream %s", config.name)
         except NatsError as error:
+            if may_pass(error):  # JetStream electing or out of reach: the start waits
+                raise
             raise self._unusable(error) from None
 
     async def _ensure_consumer(self) -> None:
@@ -122,6 +125,8 @@ class Streams:
         try:
             await self.js.add_consumer(self.commands, config)
         except NatsError as error:
+            if may_pass(error):  # JetStream electing or out of reach: the start waits
+                raise
             raise self._unusable(error) from None
 
     def _unusable(self, error: Exception) -> EvflowError:

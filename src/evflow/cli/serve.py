@@ -103,6 +103,16 @@ class Duration(click.ParamType):
     help="On SIGTERM, how long commands in flight may finish, and then notifications drain.",
 )
 @click.option(
+    "--startup-timeout",
+    type=Duration(),
+    envvar="EVFLOW_STARTUP_TIMEOUT",
+    show_envvar=True,
+    default="60s",
+    show_default=True,
+    help="How long a start waits, trying again, for NATS to be reachable and JetStream to "
+    "answer (a cluster electing leaders); 0 to fail at the first failure.",
+)
+@click.option(
     "--replicas",
     type=click.IntRange(min=1, max=5),
     envvar="EVFLOW_REPLICAS",
@@ -138,6 +148,7 @@ def serve(
     duplicate_window: float,
     command_ack_wait: float,
     shutdown_timeout: float,
+    startup_timeout: float,
     replicas: int,
     hot_executions: int,
     log_level: str,
@@ -156,6 +167,7 @@ def serve(
     options = {
         "streams": streams,
         "shutdown_timeout": shutdown_timeout,
+        "startup_timeout": startup_timeout,
         "hot_executions": hot_executions,
     }
     try:

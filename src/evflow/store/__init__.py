@@ -276,19 +276,26 @@ async def open_store(
     """Open the store a URL names (see ``parse_store``), creating a new log if there is
     none; ``read_only`` for auditors, who must find the log there and can change nothing in
     it. ``nats_url`` is where ``jetstream`` finds its servers."""
+    store = store_at(url, read_only=read_only, nats_url=nats_url)
+    await store.open()
+    return store
+
+
+def store_at(
+    url: str, *, read_only: bool = False, nats_url: str = "nats://127.0.0.1:4222"
+) -> EventStore:
+    """The store a URL names, not yet opened: for a caller that retries ``open`` (an
+    engine starting while NATS elects its leaders); see ``open_store``."""
     log = parse_store(url)
-    store: EventStore
     if isinstance(log, JetStreamLog):
         from .jetstream import JetStreamStore
 
         servers = log.servers or [s.strip() for s in nats_url.split(",") if s.strip()]
-        store = JetStreamStore(servers, replicas=log.replicas, read_only=read_only)
-    else:
-        from .sqlite import SqliteStore
+        return JetStreamStore(servers, replicas=log.replicas, read_only=read_only)
 
-        store = SqliteStore(log.path, read_only=read_only)
-    await store.open()
-    return store
+    from .sqlite import SqliteStore
+
+    return SqliteStore(log.path, read_only=read_only)
 
 
 __all__ = [
@@ -305,6 +312,7 @@ __all__ = [
     "open_store",
     "parse_store",
     "resume_scope",
+    "store_at",
     "store_path",
     "version_clash",
 ]

@@ -38,10 +38,10 @@ import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
+from contextlib import suppress
 from typing import Any
 
 import msgspec
-import nats
 from msgspec import Raw
 from msgspec.structs import replace
 from nats.aio.client import Client as NATS
@@ -49,6 +49,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from ..chain import Record
+from ..connection import connect
 from ..errors import DuplicateCommand, EvflowError, StoreError, Unavailable
 from ..events import SETTLING, ExecutionStarted, StoredEvent
 from ..partitions import partition_of
@@ -62,6 +63,7 @@ from .jetstream_requests import (
     atomic_batch,
     bucket_if_any,
     encode,
+    refusal_may_pass,
     sequence_of,
     stored_at,
 )
@@ -152,15 +154,16 @@ class JetStreamStore:
         self._closing = False
 
     async def open(self) -> None:
-        """Connect, and create the stream and the checkpoint bucket if they are missing."""
+        """Connect, and create the stream and the checkpoint bucket if they are missing.
+
+        Raises ``Unavailable`` when NATS or JetStream does not answer; an open that failed
+        so may be called again, and keeps the connection it made."""
         self._closing = False
-        try:
-            self._nc = await nats.connect(servers=self.servers, max_reconnect_attempts=-1)
-        except Exception as error:
-            raise StoreError(
-                f"cannot reach NATS at {', '.join(self.servers)} for the JetStream log "
-                f"({error}); start nats-server with -js, or check the URL"
-            ) from error
+        if self._nc is None or self._nc.is_closed:
+            hint = "start nats-server with -js, or check the URL"
+            self._nc = await connect(
+                ",".join(self.servers), timeout=self.timeout, hint=hint, name="evflow-log"
+            )
         js = self._nc.jetstream(timeout=self.timeout)
         if self.read_only:
             await self._find_stream()
@@ -203,6 +206,10 @@ class JetStreamStore:
         error = reply.get("error")
         if error and error.get("err_code") != 10058:  # 10058: it exists, perhaps as configured
             refused = error.get("description")
+            if refusal_may_pass(error.get("code"), error.get("err_code")):
+                raise Unavailable(
+                    f"JetStream could not create the stream {self.stream} yet ({refused})"
+                )
             raise StoreError(
                 f"JetStream refused to create the stream {self.stream} ({refused}); the "
                 "server must be nats-server 2.12 or later with JetStream enabled"
@@ -217,7 +224,12 @@ class JetStreamStore:
             self._finished.clear()
             await self._finished.wait()
         nc, self._nc = self._nc, None
-        await nc.drain()
+        try:
+            await nc.drain()
+        except Exception as error:  # NATS out of reach: nothing in flight can be drained
+            logger.warning("the JetStream log's connection did not drain (%s); closing it", error)
+            with suppress(OSError):  # nats-py flushes on close, which fails with NATS gone
+                await nc.close()
 
     # appending
 

@@ -18,8 +18,23 @@ DIRECT_BATCH = 256
 """Messages asked for at once from a direct get."""
 _NO_MESSAGE = 10037
 """JetStream's error code for a message get that finds none."""
+_PASSING = frozenset({10004, 10005, 10008, 10009, 10040})
+"""JetStream's error codes for a cluster still forming or electing: incomplete (10004), no
+peer to place replicas on yet (10005), temporarily unavailable (10008), not the leader
+(10009), a peer not yet a member (10040)."""
 
 encode = msgspec.json.Encoder().encode
+
+
+def refusal_may_pass(code: int | None, err_code: int | None) -> bool:
+    """Whether JetStream's refusal (HTTP-like ``code``, its own ``err_code``) may not be
+    given again once the cluster has its leaders: a 503, or a cluster still forming.
+
+    Known limit: "no peer to place replicas on" also answers a stream asking for more
+    replicas than the cluster has nodes; it is taken to pass (a node may be restarting),
+    so such a start waits out its timeout before saying so.
+    """
+    return code == 503 or err_code in _PASSING
 
 
 class StreamRequests:
@@ -50,6 +65,11 @@ class StreamRequests:
         if error is not None:
             if error.get("err_code") == _NO_MESSAGE:
                 return None
+            if refusal_may_pass(error.get("code"), error.get("err_code")):
+                raise Unavailable(
+                    f"JetStream could not answer a read of {subject} in {self.stream} "
+                    f"({error.get('description')}); try again once the cluster has a leader"
+                )
             raise StoreError(
                 f"JetStream refused a read of {subject} in {self.stream} "
                 f"({error.get('description')}); check that the stream exists (nats stream ls)"
