@@ -140,6 +140,8 @@ class JetStreamStore:
         self.read_only = read_only
         self.stream = f"{token(name, 'log name')}_LOG"
         self.bucket = f"{name}_CHECKPOINTS"
+        self.leases = f"{name}_LEASES"
+        """The key-value bucket where engines sharing this log keep partition leases."""
         self._events = f"{name.lower()}.log.ex"
         self._claims = f"{name.lower()}.log.key"
         self._gaps = f"{name.lower()}.log.gap"
@@ -207,6 +209,11 @@ class JetStreamStore:
                 f"JetStream refused to create the stream {self.stream} ({refused}); the "
                 "server must be nats-server 2.12 or later with JetStream enabled"
             )
+
+    @property
+    def connection(self) -> NATS:
+        """The connection to the log's NATS servers (engines keep their leases there)."""
+        return self._connected("keeping leases")
 
     async def close(self) -> None:
         """Refuse new appends, let those under way finish, then disconnect."""
