@@ -130,23 +130,28 @@ class Leases:
             p for p, lease in self._held.items() if not lease.lapsed and p not in self._releasing
         )
 
-    async def start(self) -> None:
-        """Make the bucket if missing, then keep the leases, in the background."""
+    async def open(self) -> None:
+        """Make the bucket if it is missing."""
         js = self._nc.jetstream(timeout=self._timeout)
         self._kv = await js.create_key_value(
             bucket=self._bucket_name, history=1, replicas=self._replicas, direct=True
         )
+
+    async def start(self) -> None:
+        """Open the bucket, then keep the leases, a round every ``renew`` seconds."""
+        await self.open()
         self._task = asyncio.create_task(self._keep(), name="evflow-leases")
         logger.info("engine %s keeps partition leases in %s", self.engine, self._bucket_name)
 
     async def stop(self) -> None:
         """Let go of every partition, each once its work has drained, so that the other
         engines take them over at once; then remove this engine's key."""
-        if self._task is None:
+        if self._kv is None:
             return
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-        self._task = None
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
         draining = [
             self._releasing.get(p) or self._holder.release(p)
             for p, lease in self._held.items()
