@@ -4,6 +4,7 @@ message of each of many subjects), atomic batches and single checked publishes."
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 from typing import Any, NamedTuple
@@ -137,27 +138,35 @@ class StreamRequests:
         return await self._direct({"next_by_subj": subject, "seq": start, "batch": batch}, subject)
 
     async def _direct(self, request: dict[str, Any], subject: str) -> tuple[list[Msg], int]:
-        """The messages one direct get answers with, and how many more it has after them."""
+        """The messages one direct get answers with, and how many more it has after them.
+
+        The answer is gathered by a callback rather than a wait per message: an answer of
+        a thousand messages costs a thousand waits otherwise."""
         nc = self.nc
+        page: list[Msg] = []
+        closing: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+
+        async def gather(msg: Msg) -> None:
+            if msg.headers and "Status" in msg.headers:
+                if not closing.done():
+                    closing.set_result(msg)
+            else:
+                page.append(msg)
+
         inbox = nc.new_inbox()
-        subscription = await nc.subscribe(inbox)
+        subscription = await nc.subscribe(inbox, cb=gather)
         try:
             await nc.publish(f"$JS.API.DIRECT.GET.{self.stream}", encode(request), reply=inbox)
-            page: list[Msg] = []
-            while True:
-                msg = await subscription.next_msg(timeout=self.timeout)
-                status = msg.headers.get("Status") if msg.headers else None
-                if status is None:
-                    page.append(msg)
-                    continue
-                return page, self._pending(msg, status, subject)
-        except nats.errors.TimeoutError as error:
+            end = await asyncio.wait_for(closing, self.timeout)
+        except TimeoutError as error:
             raise Unavailable(
                 f"JetStream did not answer a read of {subject} in {self.stream} in time; "
                 "try again once the cluster has a leader for it"
             ) from error
         finally:
             await subscription.unsubscribe()
+        assert end.headers is not None
+        return page, self._pending(end, end.headers["Status"], subject)
 
     def _pending(self, msg: Msg, status: str, subject: str) -> int:
         """What a direct get's closing status says: how many more messages it has."""
