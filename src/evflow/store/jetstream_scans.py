@@ -119,10 +119,14 @@ async def latest_events(
     as_of_position: int | None,
 ) -> Latest:
     """The latest event, as of ``as_of_position`` (the log's end if None), of each
-    execution in ``partitions`` (all if None), in log order."""
-    asked = sorted(range(PARTITIONS) if partitions is None else set(partitions))
+    execution in ``partitions`` (all if None; one that does not exist holds none), in log
+    order."""
+    everyone = range(PARTITIONS)
+    asked = list(everyone) if partitions is None else sorted(set(partitions) & set(everyone))
+    if not asked:
+        return []
     end = await _end(wire, layout, as_of_position)
-    if not asked or end is None:
+    if end is None:
         return []
 
     found: dict[str, Msg] = {}
@@ -147,7 +151,11 @@ async def _end(wire: StreamRequests, layout: Layout, as_of: int | None) -> Messa
 
 
 async def _read_partitions(
-    wire: StreamRequests, layout: Layout, partitions: list[int], end: Message, found: dict
+    wire: StreamRequests,
+    layout: Layout,
+    partitions: list[int],
+    end: Message,
+    found: dict[str, Msg],
 ) -> None:
     """Add the latest event of each execution in ``partitions`` to ``found``, by subject:
     all of them in one request if the server allows it, else halves of them, else (one
