@@ -122,6 +122,7 @@ class Leases:
         self._held: dict[int, _Lease] = {}
         self._releasing: dict[int, asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
 
     @property
     def held(self) -> frozenset[int]:
@@ -141,6 +142,7 @@ class Leases:
         """Open the bucket, then keep the leases, a round every ``renew`` seconds."""
         await self.open()
         self._task = asyncio.create_task(self._keep(), name="evflow-leases")
+        self._watchdog = asyncio.create_task(self._watch_fences(), name="evflow-fences")
         logger.info("engine %s keeps partition leases in %s", self.engine, self._bucket_name)
 
     async def stop(self) -> None:
@@ -148,10 +150,11 @@ class Leases:
         engines take them over at once; then remove this engine's key."""
         if self._kv is None:
             return
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        for task in (self._task, self._watchdog):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._task = self._watchdog = None
         draining = [
             self._releasing.get(p) or self._holder.release(p)
             for p, lease in self._held.items()
@@ -173,6 +176,18 @@ class Leases:
         while True:
             await asyncio.sleep(self._renew)
             await self._renew_all()
+
+    async def _watch_fences(self) -> None:
+        """Stop acting on a lapsed lease within a quarter of a renewal of its fence, however
+        long a round waits on NATS: the fence must pass well before another engine's term."""
+        while True:
+            await asyncio.sleep(self._renew / 4)
+            try:
+                await self._lapse()
+            except Exception:  # the engine failed to stop acting: an operator must know
+                logger.exception(
+                    "engine %s failed to stop acting on a lapsed partition", self.engine
+                )
 
     async def _keep(self) -> None:
         while True:
