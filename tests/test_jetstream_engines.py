@@ -14,8 +14,11 @@ from evflow import App, Client, Context, Status
 from evflow.audit import verify_store
 from evflow.commands import Invoke
 from evflow.nats_server import NatsServer
+from evflow.outbox import Outbox
 from evflow.partitions import PARTITIONS, partition_of
+from evflow.router import PUBLISHER
 from evflow.server import Server
+from test_outbox import stream_ids
 
 APPROVED = {"approved": True, "note": "fine"}
 
@@ -60,6 +63,15 @@ async def until_shared(servers: list[Server]) -> None:
                 assert sum(map(len, shares)) == PARTITIONS  # no partition held twice
                 return
             await asyncio.sleep(0.1)
+
+
+async def until_published(outbox: Outbox, count: int) -> None:
+    """Wait until the outbox has had ``count`` notifications acknowledged: subscribers may
+    see a notification before the stream's acknowledgement reaches the outbox."""
+    async with asyncio.timeout(10):
+        while outbox.published < count:
+            await asyncio.sleep(0.05)
+    assert outbox.published == count
 
 
 async def test_two_engines_on_one_jetstream_log_share_the_partitions(nats_server: NatsServer):
@@ -137,6 +149,46 @@ async def test_a_timer_fires_once_though_the_engine_that_set_it_stopped(
         for settled in waiting:
             kinds = [type(s.event).__name__ for s in await client.history(settled.execution_id)]
             assert kinds.count("TimerFired") == 1, kinds
+    finally:
+        await client.close()
+        for engine in engines:
+            await engine.stop()
+
+
+async def test_one_outbox_publishes_for_all_engines_and_another_takes_over(
+    nats_server: NatsServer,
+):
+    """The holder of partition 0 publishes every engine's notifications, each once; when it
+    stops, the engine that takes partition 0 publishes on from the checkpoint."""
+    engines = [Server(example_app, "jetstream", nats_server.url) for _ in range(2)]
+    for engine in engines:
+        await engine.start()
+    await until_shared(engines)
+    leader, other = sorted(engines, key=lambda e: PUBLISHER not in held(e))
+    client = await Client.connect(nats_server.url)
+    try:
+        notes = await client.nc.subscribe("evflow.events.approval.>")
+        first = [
+            await client.invoke("approval", {"amount": n, "requester": "a"}) for n in range(20)
+        ]
+        assert {partition_of(p.execution_id) in held(other) for p in first} == {True, False}
+        for _ in range(2 * len(first)):  # started, paused
+            await notes.next_msg(timeout=10)
+
+        assert leader.outbox is not None and other.outbox is not None
+        await until_published(leader.outbox, 2 * len(first))
+        assert other.outbox.published == 0
+        await leader.stop()
+        engines.remove(leader)
+        await until_shared([other])
+        for paused in first:
+            await client.resume("approval", paused.execution_id, APPROVED)
+        for _ in range(2 * len(first)):  # resumed, completed
+            await notes.next_msg(timeout=10)
+
+        await until_published(other.outbox, 2 * len(first))
+        ids = await stream_ids(client.nc.jetstream())
+        assert len(ids) == 4 * len(first) == len(set(ids))
     finally:
         await client.close()
         for engine in engines:

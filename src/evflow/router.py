@@ -29,6 +29,7 @@ from . import commands
 from .commands import Cancel, Command, Invoke, Resume
 from .engine import Engine
 from .errors import EvflowError, InternalError, StoreError, Unavailable, from_body
+from .outbox import Outbox
 from .partitions import PARTITIONS, new_execution_id_in, partition_of
 from .state import ExecutionState
 from .subjects import Subjects
@@ -40,6 +41,9 @@ FORWARD_TIMEOUT = 60.0
 WAIT_FOR_HOLDER = (0.05, 0.1, 0.2, 0.5, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0)
 """Seconds between forwards that found no holder: about 15 s in all, long enough for a dead
 engine's partitions to be taken over (``leases.TERM`` and a renewal)."""
+
+PUBLISHER = 0
+"""The partition whose holder's outbox publishes the notifications of the whole log."""
 
 _NOT_HELD = "Evflow-Not-Held"
 _ERROR = "Evflow-Error"
@@ -75,6 +79,8 @@ class Router:
         subjects: the engines' subjects.
         shared: engines share the log through partition leases; if False this engine
             holds every partition.
+        outbox: publishes the log's notifications while this engine holds partition 0
+            (when shared: one outbox publishes for all the engines).
         timeout: see ``FORWARD_TIMEOUT``.
     """
 
@@ -85,12 +91,14 @@ class Router:
         subjects: Subjects,
         *,
         shared: bool,
+        outbox: Outbox | None = None,
         timeout: float = FORWARD_TIMEOUT,
     ):
         self._nc = nc
         self._engine = engine
         self._subjects = subjects
         self._shared = shared
+        self._outbox = outbox
         self._timeout = timeout
         self.held: set[int] = set() if shared else set(range(PARTITIONS))
         """The partitions whose commands run here."""
@@ -176,6 +184,8 @@ class Router:
     async def _take(self, partition: int) -> None:
         self._running[partition] = self._running.get(partition, 0) + 1
         try:
+            if partition == PUBLISHER and self._outbox is not None:
+                await self._outbox.lead()
             recovered = await self._engine.take_partition(partition)
             if recovered:
                 logger.info("drove on %d executions of partition %d", recovered, partition)
@@ -191,6 +201,8 @@ class Router:
         self.held.discard(partition)
         await self._stop_listening(partition)
         self._engine.drop_partition(partition)
+        if partition == PUBLISHER and self._outbox is not None:
+            self._track(self._outbox.stand_by())
 
     async def release(self, partition: int) -> None:
         """Stop taking the partition's commands, let those running finish, then forget it."""
@@ -202,6 +214,8 @@ class Router:
             await idle.wait()
         del self._idle[partition]
         self._engine.drop_partition(partition)
+        if partition == PUBLISHER and self._outbox is not None:
+            await self._outbox.stand_by()
 
     async def stop(self) -> None:
         """Stop listening on every partition and wait for the forwarded commands."""

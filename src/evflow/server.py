@@ -88,14 +88,14 @@ class Server:
         await streams.ensure()
 
         # Notifications flow from the log from here on, recovered executions' included.
-        self.outbox = Outbox(self.store, self.nc, self.subjects)
+        shared = isinstance(self.store, JetStreamStore)
+        self.outbox = Outbox(self.store, self.nc, self.subjects, shared=shared)
         await self.outbox.start()
         self.engine = Engine(
             self.app, self.store, self._clock, self.outbox, hot_executions=self.hot_executions
         )
         self.outbox.follow(self.engine.followed)  # other engines' timers, on a shared log
-        shared = isinstance(self.store, JetStreamStore)
-        self.router = Router(self.nc, self.engine, self.subjects, shared=shared)
+        self.router = Router(self.nc, self.engine, self.subjects, shared=shared, outbox=self.outbox)
         if shared:  # each partition's timers and recovery come with its lease
             await self.engine.start(partitions=())
         else:

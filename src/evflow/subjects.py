@@ -78,6 +78,10 @@ class Subjects(msgspec.Struct, frozen=True):
         (``router``); internal to a cluster of engines."""
         return f"{self.prefix}.part.{partition}"
 
+    def appended(self) -> str:
+        """Where engines sharing a log say they appended, so the publishing outbox wakes."""
+        return f"{self.prefix}.appended"
+
     def list_executions(self) -> str:
         """Where executions are listed, the most recently changed first, a page at a time."""
         return f"{self.prefix}.executions.list"
