@@ -103,11 +103,14 @@ def named_execution(tokens: list[str]) -> str | None:
     return None
 
 
-async def run(engine: Engine, command: Command) -> ExecutionState:
-    """Run a command on the engine; returns where the execution settled."""
+async def run(engine: Engine, command: Command, execution_id: str | None = None) -> ExecutionState:
+    """Run a command on the engine; returns where the execution settled. An invoke starts
+    its execution under ``execution_id`` if given (a partition the engine holds)."""
     match command:
         case Invoke():
-            return await engine.invoke(command.flow, command.body, command.idempotency_key)
+            return await engine.invoke(
+                command.flow, command.body, command.idempotency_key, execution_id
+            )
         case Resume():
             return await engine.resume(
                 command.flow,

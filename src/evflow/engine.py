@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from . import admission, fields
 from .driver import Driver, settled
@@ -35,6 +35,7 @@ from .events import (
 )
 from .flow import App
 from .hot import DEFAULT_CAPACITY
+from .partitions import partition_of
 from .state import ExecutionState, Status, fold
 from .store import EventStore, ExecutionSummary, cancel_scope, invoke_scope, resume_scope
 from .timers import Clock, Scheduler, SystemClock, Timer, pending_timer
@@ -77,13 +78,30 @@ class Engine:
         self._notify = notify or (lambda flow, events: None)
         self._driver = Driver(app, store, self.clock, self._appended, hot_executions)
         self.timers = Scheduler(self.clock, self.fire)
-        """Every pending timer of the log; fires them once ``start`` has been called."""
+        """Every pending timer of the executions this engine acts on; fires them once
+        ``start`` has been called."""
+        self.acts_on: Callable[[str], bool] = lambda execution_id: True
+        """Whether this engine acts on an execution: fires its timers and drives it on. On
+        a cluster, whether it holds the execution's partition (``router``)."""
 
-    async def start(self) -> None:
-        """Load the pending timers from the log and fire them as they fall due; those whose
-        due time passed while no engine ran fire at once, earliest first."""
-        self.timers.add_all(await self.store.pending_timers())
+    async def start(self, partitions: Collection[int] | None = None) -> None:
+        """Load the pending timers from the log (of ``partitions`` if given) and fire them as
+        they fall due; those whose due time passed while no engine ran fire at once,
+        earliest first."""
+        self.timers.add_all(await self.store.pending_timers(partitions))
         self.timers.start()
+
+    async def take_partition(self, partition: int) -> int:
+        """Act on a partition this engine now holds: load its timers, then drive on what a
+        crash or another engine left running there; returns how many were driven on."""
+        self.timers.add_all(await self.store.pending_timers({partition}))
+        return await self.recover(partitions={partition})
+
+    def drop_partition(self, partition: int) -> None:
+        """Stop acting on a partition another engine may hold now: forget its timers, and
+        its hot executions, which that engine may move on."""
+        self.timers.forget_where(lambda execution_id: partition_of(execution_id) == partition)
+        self._driver.hot.drop_where(lambda execution_id: partition_of(execution_id) == partition)
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Stop firing timers; a firing still under way after ``timeout`` s is dropped (its
@@ -93,9 +111,14 @@ class Engine:
         self._driver.hot.close()
 
     async def invoke(
-        self, flow_name: str, body: bytes, idempotency_key: str | None = None
+        self,
+        flow_name: str,
+        body: bytes,
+        idempotency_key: str | None = None,
+        execution_id: str | None = None,
     ) -> ExecutionState:
-        """Start an execution of ``flow_name`` and run it to its first settle point."""
+        """Start an execution of ``flow_name`` and run it to its first settle point, under a
+        new ID, or under ``execution_id`` (new, and in a partition this engine holds)."""
         flow = self.app.get(flow_name)
         inputs = fields.to_builtins(flow.decode_inputs(body))
         if idempotency_key is not None:
@@ -103,7 +126,7 @@ class Engine:
             if first is not None:
                 return await self._driver.outcome_of(first)
 
-        execution_id = new_execution_id()
+        execution_id = execution_id or new_execution_id()
         started = ExecutionStarted(flow.name, inputs, flow.version, idempotency_key)
         try:
             async with self._driver.exclusive(execution_id):
@@ -280,7 +303,7 @@ class Engine:
         execution has moved on changes nothing. A timer of a flow version this engine does
         not serve is left unfired. The scheduler calls this.
         """
-        if not await self._serves(timer):
+        if not self.acts_on(timer.execution_id) or not await self._serves(timer):
             return
         if await self._record_firing(timer):
             async with self._driver.exclusive(timer.execution_id):
@@ -308,40 +331,51 @@ class Engine:
         return True
 
     async def _drive_on_after_timer(self, timer: Timer) -> None:
-        """Run the flow on from a recorded firing. The log unavailable for a while (a NATS
-        node restarting) is tried again, a few times; a failure still left after that
-        leaves the execution running, for the next start of an engine to drive on."""
+        """Run the flow on from a recorded firing (the execution's lock is held)."""
+        await self._drive_on(timer.execution_id, f"its {timer.kind} timer")
+
+    async def drive_on_later(self, execution_id: str) -> None:
+        """Drive on an execution a command left short of a settle point, when the log was
+        out of reach mid-way (a NATS node restarting): its partition's holder is alive, so
+        no recovery at a start or a takeover would find it."""
+        async with self._driver.exclusive(execution_id):
+            await self._drive_on(execution_id, "a command cut short")
+
+    async def _drive_on(self, execution_id: str, after: str) -> None:
+        """Bring an execution to a settle point. The log unavailable for a while is tried
+        again, a few times; a failure still left after that leaves the execution running,
+        for the next start of an engine (or takeover of its partition) to drive on."""
         for delay in (*DRIVE_ON_RETRIES, None):
+            if not self.acts_on(execution_id):
+                return  # its partition's new holder drives it on
             try:
-                await self._driver.drive_on(timer.execution_id)
+                if await self.store.read(execution_id, 1):  # nothing if the invoke never landed
+                    await self._driver.drive_on(execution_id)
                 return
             except ConcurrencyError:
-                logger.info("execution %s was driven on by another engine", timer.execution_id)
+                logger.info("execution %s was driven on by another engine", execution_id)
                 return
             except (StoreError, Unavailable) as error:
                 if delay is None:
                     logger.error(
-                        "execution %s could not go on after its %s timer (%s); the next "
-                        "start of an engine drives it on",
-                        timer.execution_id,
-                        timer.kind,
+                        "execution %s could not go on after %s (%s); the next start of an "
+                        "engine drives it on",
+                        execution_id,
+                        after,
                         error,
                     )
                     return
                 logger.warning(
-                    "execution %s could not go on after its %s timer (%s); trying again in %g s",
-                    timer.execution_id,
-                    timer.kind,
+                    "execution %s could not go on after %s (%s); trying again in %g s",
+                    execution_id,
+                    after,
                     error,
                     delay,
                 )
                 await asyncio.sleep(delay)
             except EvflowError as error:
                 logger.error(
-                    "execution %s could not go on after its %s timer: %s",
-                    timer.execution_id,
-                    timer.kind,
-                    error,
+                    "execution %s could not go on after %s: %s", execution_id, after, error
                 )
                 return
 
@@ -362,6 +396,9 @@ class Engine:
         other engines on the same log. A timer learned so may have fired already; its
         firing then fails the version check and changes nothing."""
         execution_id = stored.execution_id
+        self._driver.hot.drop_if_behind(execution_id, stored.version)
+        if not self.acts_on(execution_id):
+            return
         held = self.timers.pending(execution_id)
         if held is None or held.version <= stored.version:
             timer = pending_timer(flow, stored)
@@ -369,7 +406,6 @@ class Engine:
                 self.timers.add(timer)
             elif held is not None:
                 self.timers.forget(execution_id)
-        self._driver.hot.drop_if_behind(execution_id, stored.version)
 
     def _appended(self, flow: str, events: list[StoredEvent]) -> None:
         """After every durable append: keep the scheduler in step, then notify."""
@@ -447,12 +483,16 @@ class Engine:
             )
         return events
 
-    async def recover(self, concurrency: int = 32) -> int:
-        """Drive on every execution a crash left running; returns how many were driven.
+    async def recover(
+        self, concurrency: int = 32, partitions: Collection[int] | None = None
+    ) -> int:
+        """Drive on every execution (of ``partitions`` if given) a crash left running;
+        returns how many were driven.
 
-        Known limit: with two engines on one log, an engine that starts also drives on what
-        the other is running at that moment, so a step in flight there can run twice (the
-        version check still records it once). TODO(#7): own executions per engine.
+        Known limit: two engines on one SQLite file do not hold partitions, so an engine that
+        starts also drives on what the other is running at that moment, and a step in flight
+        there can run twice (the version check still records it once). On a cluster each
+        engine recovers only the partitions it holds (``leases``).
         """
         slots = asyncio.Semaphore(concurrency)
 
@@ -470,5 +510,6 @@ class Engine:
                     logger.error("execution %s could not be recovered: %s", execution_id, error)
                 return False
 
-        outcomes = await asyncio.gather(*(drive(e) for e in await self.store.unsettled()))
+        unsettled = await self.store.unsettled(partitions)
+        outcomes = await asyncio.gather(*(drive(e) for e in unsettled))
         return sum(outcomes)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .context import Suspended
@@ -102,6 +103,12 @@ class HotExecutions:
         engine on the same log moved it on."""
         hot = self._entries.get(execution_id)
         if hot is not None and hot.state.version < version:
+            self.drop(execution_id)
+
+    def drop_where(self, concerns: Callable[[str], bool]) -> None:
+        """Forget every execution ``concerns`` is true of (a partition another engine holds
+        now, which may move it on)."""
+        for execution_id in [e for e in self._entries if concerns(e)]:
             self.drop(execution_id)
 
     def close(self) -> None:

@@ -19,7 +19,9 @@ clash) returns the command to the stream to be delivered again after a delay.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 
 from nats.aio.msg import Msg
@@ -36,6 +38,7 @@ from .errors import (
     Unavailable,
 )
 from .messages import Rejection, encoder
+from .state import ExecutionState
 from .streams import Streams
 from .subjects import Subjects
 from .timers import Clock, SystemClock
@@ -64,6 +67,7 @@ class Intake:
         subjects: the engine's subjects.
         concurrency: commands run at once; more wait in the stream.
         clock: stamps rejections.
+        run: runs a command (a ``Router``'s, on a cluster); the engine itself if None.
     """
 
     def __init__(
@@ -74,10 +78,11 @@ class Intake:
         *,
         concurrency: int = 64,
         clock: Clock | None = None,
+        run: Callable[[commands.Command], Awaitable[ExecutionState]] | None = None,
     ):
         self._streams = streams
         self._js: JetStreamContext = streams.js
-        self._engine = engine
+        self._run_command = run or functools.partial(commands.run, engine)
         self._subjects = subjects
         self._clock = clock or SystemClock()
         self._concurrency = concurrency
@@ -160,7 +165,7 @@ class Intake:
             command = commands.parse(
                 tokens, message.headers, message.data, self._default_key(message, sequence)
             )
-            state = await commands.run(self._engine, command)
+            state = await self._run_command(command)
         except TRANSIENT as error:
             await self._retry(message, error)
             return

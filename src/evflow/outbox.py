@@ -8,6 +8,11 @@ once a second under load (each save is a durable write), when the outbox goes id
 stop. A crash publishes the events acknowledged since the last save again on restart, and
 the stream's duplicate window drops the copies.
 
+Engines sharing a log on a cluster (``shared``) publish through one outbox: the one of the
+engine holding partition 0 (``router``), which reads the log from the saved checkpoint when
+it takes over. The others ping ``<prefix>.appended`` after their appends, so that it
+publishes at once rather than at its next look.
+
 Known limit: an engine that stays down longer than the duplicate window (2 minutes by
 default) and restarts re-publishes the events of its last unfinished batch as new stream
 messages. Subscribers see each such event twice and can drop the copy by ``Nats-Msg-Id``;
@@ -23,6 +28,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from .errors import StoreError
 from .events import ExecutionStarted, StoredEvent
@@ -52,6 +59,7 @@ class Outbox:
             appends by another engine on the same file are found.
         timeout: seconds to wait for the stream to acknowledge a batch.
         checkpoint_every: seconds between checkpoint saves while there is more to publish.
+        shared: engines share the log: this outbox publishes only while ``lead`` says so.
     """
 
     CHECKPOINT = "outbox"
@@ -66,6 +74,7 @@ class Outbox:
         poll: float = 1.0,
         timeout: float = 5.0,
         checkpoint_every: float = 1.0,
+        shared: bool = False,
     ):
         self._store = store
         self._nc = nc
@@ -81,6 +90,12 @@ class Outbox:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._draining = False
+        self._shared = shared
+        self._leading = asyncio.Event()
+        self._pinged = False
+        self._pings: Subscription | None = None
+        if not shared:
+            self._leading.set()
         self.position = 0
         """Global position of the last event the stream acknowledged."""
         self.published = 0
@@ -100,8 +115,43 @@ class Outbox:
         self._followers.append(follower)
 
     def __call__(self, flow: str, events: list[StoredEvent]) -> None:
-        """Told of a durable append by this engine: remember the flow, publish soon."""
+        """Told of a durable append by this engine: remember the flow, publish soon (or
+        have the leading outbox publish soon)."""
         self._remember(events[0].execution_id, flow)
+        if self._leading.is_set():
+            self._wake.set()
+        elif not self._pinged:  # one ping for all the appends of this turn of the loop
+            self._pinged = True
+            asyncio.get_running_loop().call_soon(self._ping)
+
+    def _ping(self) -> None:
+        self._pinged = False
+        if not self._nc.is_closed:
+            asyncio.ensure_future(self._nc.publish(self._subjects.appended(), b""))
+
+    async def lead(self) -> None:
+        """Publish from the saved checkpoint on (this engine took partition 0)."""
+        if self._leading.is_set():
+            return
+        self._pings = await self._nc.subscribe(self._subjects.appended(), cb=self._woken)
+        self.position = await self._store.load_checkpoint(self.CHECKPOINT)
+        self._saved = (self.position, time.monotonic())
+        self._leading.set()
+        self._wake.set()
+        logger.info("this engine's outbox publishes from log position %d", self.position)
+
+    async def stand_by(self) -> None:
+        """Stop publishing: another engine's outbox takes over from the checkpoint."""
+        if not self._leading.is_set():
+            return
+        self._leading.clear()
+        if self._pings is not None:
+            subscription, self._pings = self._pings, None
+            await subscription.unsubscribe()
+        await self._save_checkpoint(when_due=False)
+        logger.info("this engine's outbox stands by at log position %d", self.position)
+
+    async def _woken(self, msg: Msg) -> None:
         self._wake.set()
 
     async def close(self, timeout: float = 10.0) -> None:
@@ -126,6 +176,11 @@ class Outbox:
     async def _run(self) -> None:
         failures = 0
         while True:
+            if not self._leading.is_set():
+                if self._draining:
+                    return
+                await self._idle()
+                continue
             try:
                 events = await self._store.read_all(self.position, self._batch)
                 if events:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Awaitable
 
 from nats.aio.client import Client as NATS
@@ -17,10 +18,13 @@ from .engine import Engine
 from .flow import App
 from .hot import DEFAULT_CAPACITY
 from .intake import Intake
+from .leases import Leases
 from .outbox import Outbox
+from .router import Router
 from .service import EvflowService
 from .startup import DEFAULT_TIMEOUT, Startup
 from .store import EventStore, store_at
+from .store.jetstream import JetStreamStore
 from .streams import Streams, StreamSettings
 from .subjects import Subjects
 from .timers import Clock
@@ -76,6 +80,10 @@ class Server:
         self.engine: Engine | None = None
         self.outbox: Outbox | None = None
         self.intake: Intake | None = None
+        self.router: Router | None = None
+        self.leases: Leases | None = None
+        self.engine_id = uuid.uuid4().hex[:12]
+        """This engine's name among the engines sharing a log (in its partition leases)."""
         self._service: EvflowService | None = None
 
     async def start(self) -> None:
@@ -97,23 +105,37 @@ class Server:
         )
 
         # Notifications flow from the log from here on, recovered executions' included.
-        self.outbox = Outbox(self.store, self.nc, self.subjects)
+        shared = isinstance(self.store, JetStreamStore)
+        self.outbox = Outbox(self.store, self.nc, self.subjects, shared=shared)
         await startup.attempt("the outbox's checkpoint in the log", self.outbox.start)
         self.engine = Engine(
             self.app, self.store, self._clock, self.outbox, hot_executions=self.hot_executions
         )
         self.outbox.follow(self.engine.followed)  # other engines' timers, on a shared log
-        recovered = await startup.attempt("the log's interrupted executions", self.engine.recover)
-        logger.info("recovered %d interrupted executions", recovered)
-        await startup.attempt("the log's pending timers", self.engine.start)
+        self.router = Router(self.nc, self.engine, self.subjects, shared=shared, outbox=self.outbox)
+        if shared:  # each partition's timers and recovery come with its lease
+            await self.engine.start(partitions=())
+        else:
+            recovered = await startup.attempt(
+                "the log's interrupted executions", self.engine.recover
+            )
+            logger.info("recovered %d interrupted executions", recovered)
+            await startup.attempt("the log's pending timers", self.engine.start)
 
         # Only now take commands: requests first, then what waits in the commands stream.
-        self._service = EvflowService(self.nc, self.engine, self.subjects)
+        run = self.router.run
+        self._service = EvflowService(self.nc, self.engine, self.subjects, run)
         await self._service.start()
-        self.intake = Intake(streams, self.engine, self.subjects, clock=self._clock)
+        self.intake = Intake(streams, self.engine, self.subjects, clock=self._clock, run=run)
         await startup.attempt(f"the command consumer of {streams.commands}", self.intake.start)
+        if isinstance(self.store, JetStreamStore):
+            store = self.store
+            self.leases = Leases(
+                store.connection, store.leases, store.replicas, self.engine_id, self.router
+            )
+            await startup.attempt(f"the lease bucket {store.leases}", self.leases.start)
         await self.nc.flush()  # the server knows our subscriptions before we say we listen
-        logger.info("listening on %s", self.nats_url)
+        logger.info("engine %s listening on %s", self.engine_id, self.nats_url)
 
     async def _open_store(self, startup: Startup) -> EventStore:
         """The log: the one given, or the one the store URL names, opened (and kept, so
@@ -140,9 +162,16 @@ class Server:
         timeout = self.shutdown_timeout
         try:
             await _quietly(
-                "stopping the command intake and the timers",
+                "stopping the command intake",
                 self._service.stop(timeout) if self._service else None,
                 self.intake.stop(timeout) if self.intake else None,
+            )
+            await _quietly(
+                "letting go of the partitions", self.leases.stop() if self.leases else None
+            )
+            await _quietly(
+                "stopping the timers",
+                self.router.stop() if self.router else None,
                 self.engine.stop(timeout) if self.engine else None,
             )
             outbox = self.outbox.close(timeout) if self.outbox else None

@@ -8,6 +8,7 @@ task of its own: a slow flow never holds up commands for other executions.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -23,6 +24,7 @@ from . import __version__, commands, queries
 from .engine import Engine
 from .errors import EvflowError, InternalError, TooLarge
 from .messages import ErrorReply, History, encoder, settle_reply
+from .state import ExecutionState
 from .subjects import Subjects
 
 logger = logging.getLogger(__name__)
@@ -44,11 +46,19 @@ def header_text(text: str) -> str:
 
 
 class EvflowService:
-    """Serves an ``Engine`` on NATS."""
+    """Serves an ``Engine`` on NATS; its commands are run by ``run`` (a ``Router``'s, on a
+    cluster), or on the engine itself."""
 
-    def __init__(self, nc: NATS, engine: Engine, subjects: Subjects | None = None):
+    def __init__(
+        self,
+        nc: NATS,
+        engine: Engine,
+        subjects: Subjects | None = None,
+        run: Callable[[commands.Command], Awaitable[ExecutionState]] | None = None,
+    ):
         self._nc = nc
         self._engine = engine
+        self._run = run or functools.partial(commands.run, engine)
         self._subjects = subjects or Subjects()
         self._micro: MicroService | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
@@ -165,7 +175,7 @@ class EvflowService:
         command = commands.parse(
             self._subjects.tokens(request.subject), request.headers, request.data
         )
-        state = await commands.run(self._engine, command)
+        state = await self._run(command)
         return encoder.encode(settle_reply(state, self._subjects)), state.execution_id
 
     async def _get(self, request: Request) -> Answer:

@@ -73,6 +73,15 @@ class Subjects(msgspec.Struct, frozen=True):
         """Where an execution's events are queried."""
         return f"{self.prefix}.executions.history.{token(execution_id, 'execution_id')}"
 
+    def partition(self, partition: int) -> str:
+        """Where engines send a command to the engine that holds its execution's partition
+        (``router``); internal to a cluster of engines."""
+        return f"{self.prefix}.part.{partition}"
+
+    def appended(self) -> str:
+        """Where engines sharing a log say they appended, so the publishing outbox wakes."""
+        return f"{self.prefix}.appended"
+
     def list_executions(self) -> str:
         """Where executions are listed, the most recently changed first, a page at a time."""
         return f"{self.prefix}.executions.list"

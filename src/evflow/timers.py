@@ -201,6 +201,12 @@ class Scheduler:
         """Drop the timer of an execution that moved on without it."""
         self._pending.pop(execution_id, None)
 
+    def forget_where(self, concerns: Callable[[str], bool]) -> None:
+        """Drop the timers of every execution ``concerns`` is true of (a partition that
+        another engine holds now)."""
+        for execution_id in [e for e in self._pending if concerns(e)]:
+            del self._pending[execution_id]
+
     def start(self) -> None:
         """Start firing timers as they fall due."""
         if self._task is None:

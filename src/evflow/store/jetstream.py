@@ -2,30 +2,18 @@
 
 Selected with ``--store jetstream`` or ``nats://HOST:PORT,...`` (``store.open_store``). It
 passes the store contract on one nats-server and runs engines on a three-node cluster in
-the tests. TODO(#7): the start-up scans and the listing read the whole log (see ``_ends``).
+the tests.
 
-Layout, in the stream ``EVFLOW_LOG`` (file storage, replicas configurable):
+The log is the stream ``EVFLOW_LOG`` (file storage, replicas configurable), its subjects
+and message bodies laid out as ``jetstream_layout`` says: each execution's events on a
+subject of their own, under their partition's. Appends are atomic batches judged by the
+execution's latest event (``jetstream_appends``). The start-up scans and the listing read
+each execution's latest event only, a partition at a time (``jetstream_scans``).
 
-- ``evflow.log.ex.<execution_id>``: the execution's events, one message each, in version
-  order. A message's stream sequence is the event's position in the log.
-- ``evflow.log.key.<sha256 of scope>``: an idempotency scope's claim, naming the execution
-  and version of the event that claimed it.
-- ``evflow.log.gap``: empty messages that keep an import's positions where its source had
-  none (see ``import_records``).
-
-An append is one atomic batch (nats-server 2.12 or later, ``allow_atomic``): the claims of
-its scopes, then its events. Its first event carries ``Nats-Expected-Last-Subject-Sequence``
-(the sequence of the execution's latest event, 0 for a new one): the version check. Each
-claim expects its subject to be empty: a scope is claimed once, in the same step as the
-events that claim it, so no crash can leave an event without its claim or the reverse.
-(The issue proposed a key-value bucket for the claims; a bucket is another stream, which
-an atomic batch cannot reach.) Either the whole batch is stored or none of it.
-
-The message body is the event as the SQLite log stores it, with its hash chain: an
-export of either log is verified the same way. Reads use direct gets (``allow_direct``),
-which any replica answers, in batches; what a read must reach (an execution's latest
-event, the log's last position, a claim) is asked of the stream's leader first, and a
-replica still catching up is read again until it has it.
+Reads use direct gets (``allow_direct``), which any replica answers, in batches; what a
+read must reach (an execution's latest event, the log's last position, a claim) is asked
+of the stream's leader first, and a replica still catching up is read again until it has
+it.
 
 Checkpoints live in the key-value bucket ``EVFLOW_CHECKPOINTS``; a save moves one forward
 by compare-and-set, so two engines never move it back.
@@ -34,86 +22,43 @@ by compare-and-set, so two engines never move it back.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-from collections import OrderedDict
 from collections.abc import Collection, Sequence
 from contextlib import suppress
 from typing import Any
 
-import msgspec
-from msgspec import Raw
-from msgspec.structs import replace
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from ..chain import Record
 from ..connection import connect
-from ..errors import DuplicateCommand, EvflowError, StoreError, Unavailable
-from ..events import SETTLING, ExecutionStarted, StoredEvent
-from ..partitions import partition_of
-from ..state import Status, status_after
+from ..errors import StoreError, Unavailable
+from ..events import StoredEvent
+from ..state import Status
 from ..subjects import token
-from ..timers import Timer, pending_timer
-from . import ExecutionSummary, check_append, version_clash
+from ..timers import Timer
+from . import ExecutionSummary, jetstream_scans
+from .jetstream_appends import Appender
+from .jetstream_layout import (
+    Claim,
+    Layout,
+    Origin,
+    as_record,
+    decode_claim,
+    first_origin,
+    imported,
+    stored,
+)
 from .jetstream_requests import (
-    DIRECT_BATCH,
+    CATCH_UP,
     StreamRequests,
-    atomic_batch,
     bucket_if_any,
     encode,
     refusal_may_pass,
-    sequence_of,
     stored_at,
 )
-from .rows import chained_row, record, stored_event
 
 logger = logging.getLogger(__name__)
-
-_EMPTY = {"Nats-Expected-Last-Subject-Sequence": "0"}
-"""A claim's header: its subject must hold nothing yet (the scope is unclaimed)."""
-_CATCH_UP = (0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
-"""Seconds between reads of an execution a replica answered from behind this store's own
-appends."""
-_INFLIGHT = 32
-"""Appends published at once: the server bounds the atomic batches in flight per stream."""
-_HEADS = 65_536
-"""Execution heads remembered, so an append need not read its execution's latest event."""
-
-
-class _Entry(msgspec.Struct, array_like=True, frozen=True):
-    """An event's message body: the columns the SQLite log stores for it."""
-
-    execution_id: str
-    version: int
-    type: str
-    schema_version: int
-    at: str
-    data: Raw
-    prev_hash: str | None
-    hash: str | None
-    scope: str | None
-
-
-class _Claim(msgspec.Struct, frozen=True):
-    """A scope claim's message body: which event claimed it."""
-
-    execution_id: str
-    version: int
-
-
-class _Head(msgspec.Struct, frozen=True):
-    """Where an execution stands: its latest version, that event's hash and sequence."""
-
-    version: int
-    hash: str | None
-    sequence: int
-
-
-_NO_HEAD = _Head(0, None, 0)
-_decode_entry = msgspec.json.Decoder(_Entry).decode
-_decode_claim = msgspec.json.Decoder(_Claim).decode
 
 
 class JetStreamStore:
@@ -142,13 +87,12 @@ class JetStreamStore:
         self.read_only = read_only
         self.stream = f"{token(name, 'log name')}_LOG"
         self.bucket = f"{name}_CHECKPOINTS"
-        self._events = f"{name.lower()}.log.ex"
-        self._claims = f"{name.lower()}.log.key"
-        self._gaps = f"{name.lower()}.log.gap"
+        self.leases = f"{name}_LEASES"
+        """The key-value bucket where engines sharing this log keep partition leases."""
+        self._layout = Layout(name)
+        self._appender = Appender(self._layout)
         self._nc: NATS | None = None
         self._kv: Any = None
-        self._heads: OrderedDict[str, _Head] = OrderedDict()
-        self._inflight = asyncio.Semaphore(_INFLIGHT)
         self._appending = 0  # appends under way, which close lets finish
         self._finished = asyncio.Event()
         self._closing = False
@@ -157,7 +101,7 @@ class JetStreamStore:
         """Connect, and create the stream and the checkpoint bucket if they are missing.
 
         Raises ``Unavailable`` when NATS or JetStream does not answer; an open that failed
-        so may be called again, and keeps the connection it made."""
+        so may be called again."""
         self._closing = False
         if self._nc is None or self._nc.is_closed:
             hint = "start nats-server with -js, or check the URL"
@@ -165,11 +109,16 @@ class JetStreamStore:
                 ",".join(self.servers), timeout=self.timeout, hint=hint, name="evflow-log"
             )
         js = self._nc.jetstream(timeout=self.timeout)
+        try:
+            if not self.read_only:
+                await self._create_stream()
+            await self._check_stream()
+        except (StoreError, Unavailable):
+            await self.close()
+            raise
         if self.read_only:
-            await self._find_stream()
             self._kv = await bucket_if_any(js, self.bucket)
         else:
-            await self._ensure_stream()
             self._kv = await js.create_key_value(
                 bucket=self.bucket, history=1, replicas=self.replicas
             )
@@ -180,19 +129,10 @@ class JetStreamStore:
             " read-only" if self.read_only else "",
         )
 
-    async def _find_stream(self) -> None:
-        reply = await self._wire("asking JetStream").api(f"$JS.API.STREAM.INFO.{self.stream}", {})
-        if "error" in reply:
-            await self.close()
-            raise StoreError(
-                f"there is no JetStream log {self.stream} on {', '.join(self.servers)} "
-                f"({reply['error'].get('description')}); check --store"
-            )
-
-    async def _ensure_stream(self) -> None:
+    async def _create_stream(self) -> None:
         config = {
             "name": self.stream,
-            "subjects": [f"{self._events}.*", f"{self._claims}.*", self._gaps],
+            "subjects": self._layout.subjects(),
             "storage": "file",
             "num_replicas": self.replicas,
             "allow_atomic": True,
@@ -204,7 +144,7 @@ class JetStreamStore:
         create = f"$JS.API.STREAM.CREATE.{self.stream}"
         reply = await self._wire("creating the stream").api(create, config)
         error = reply.get("error")
-        if error and error.get("err_code") != 10058:  # 10058: it exists, perhaps as configured
+        if error and error.get("err_code") != 10058:  # 10058: it exists, checked next
             refused = error.get("description")
             if refusal_may_pass(error.get("code"), error.get("err_code")):
                 raise Unavailable(
@@ -214,6 +154,34 @@ class JetStreamStore:
                 f"JetStream refused to create the stream {self.stream} ({refused}); the "
                 "server must be nats-server 2.12 or later with JetStream enabled"
             )
+
+    @property
+    def connection(self) -> NATS:
+        """The connection to the log's NATS servers (engines keep their leases there)."""
+        return self._connected("keeping leases")
+
+    async def _check_stream(self) -> None:
+        """Refuse a stream that is missing, or laid out otherwise than this release reads."""
+        info = f"$JS.API.STREAM.INFO.{self.stream}"
+        reply = await self._wire("asking JetStream").api(info, {})
+        if "error" in reply:
+            raise StoreError(
+                f"there is no JetStream log {self.stream} on {', '.join(self.servers)} "
+                f"({reply['error'].get('description')}); check --store"
+            )
+        subjects = reply.get("config", {}).get("subjects") or []
+        if sorted(subjects) == sorted(self._layout.subjects()):
+            return
+        earlier = self._layout.old_events in subjects
+        raise StoreError(
+            f"the JetStream log {self.stream} holds the subjects {', '.join(subjects)}, "
+            f"not {', '.join(self._layout.subjects())}: "
+            + ("an earlier evflow wrote it, before events were filed by partition" if earlier
+               else "another evflow release, or something else, wrote it")
+            + f". Export it with the release that wrote it (evflow export --store URL -o "
+            f"FILE), remove the stream (nats stream rm {self.stream}), and import the export "
+            "with this one (evflow import --store URL FILE)"
+        )  # fmt: skip
 
     async def close(self) -> None:
         """Refuse new appends, let those under way finish, then disconnect."""
@@ -242,125 +210,11 @@ class JetStreamStore:
             raise StoreError("the JetStream log is closing; open it again before appending")
         self._appending += 1
         try:
-            return await self._append(execution_id, expected_version, events)
+            wire = self._wire("appending")
+            return await self._appender.append(wire, execution_id, expected_version, events)
         finally:
             self._appending -= 1
             self._finished.set()
-
-    async def _append(
-        self, execution_id: str, expected_version: int, events: Sequence[StoredEvent]
-    ) -> list[StoredEvent]:
-        nc = self._connected("appending")
-        check_append(execution_id, expected_version, events)
-        subject = self._subject(execution_id)
-        head = await self._head(execution_id, expected_version)
-        if head.version != expected_version:
-            raise version_clash(execution_id, head.version, expected_version)
-
-        entries = _chained(events, head.hash)
-        claims = [(entry.scope, item) for entry, item in zip(entries, events, strict=True)]
-        claims = [(scope, item) for scope, item in claims if scope is not None]
-        messages = [
-            (self._claim_subject(scope), encode(_Claim(execution_id, item.version)), _EMPTY)
-            for scope, item in claims
-        ]
-        for index, entry in enumerate(entries):
-            headers = {"Nats-Msg-Id": f"{execution_id}:{entry.version}"}
-            if index == 0:
-                headers["Nats-Expected-Last-Subject-Sequence"] = str(head.sequence)
-            messages.append((subject, encode(entry), headers))
-
-        try:
-            async with self._inflight:
-                ack = await atomic_batch(nc, messages, self.timeout, self.stream)
-        except Unavailable as unanswered:
-            ack = {"seq": await self._landed(execution_id, expected_version, entries, unanswered)}
-        if "error" in ack:
-            self._heads.pop(execution_id, None)
-            raise await self._refusal(execution_id, expected_version, claims, ack["error"])
-
-        last, first = ack["seq"], ack["seq"] - len(entries) + 1  # the events end the batch
-        stored = [
-            replace(item, position=first + offset, prev_hash=entry.prev_hash, hash=entry.hash)
-            for offset, (item, entry) in enumerate(zip(events, entries, strict=True))
-        ]
-        self._remember(execution_id, _Head(stored[-1].version, stored[-1].hash, last))
-        return stored
-
-    async def _landed(
-        self, execution_id: str, expected: int, entries: list[_Entry], unanswered: Unavailable
-    ) -> int:
-        """The sequence of an append's last event when JetStream stored it but its answer
-        was lost (a node restarting): the leader's head for the execution is that event.
-        Asked a few times, as an election may be under way. Otherwise the append is
-        refused as the log shows it: moved on by another writer, or still not stored (then
-        ``unanswered`` is raised, which says it may yet land: read the execution again)."""
-        self._heads.pop(execution_id, None)
-        for delay in _CATCH_UP:
-            await asyncio.sleep(delay)
-            try:
-                head = await self._read_head(execution_id)
-            except Unavailable:
-                continue
-            if head.hash == entries[-1].hash:
-                return head.sequence
-            if head.version != expected:
-                raise version_clash(execution_id, head.version, expected)
-        raise unanswered
-
-    async def _head(self, execution_id: str, expected_version: int) -> _Head:
-        """The head an append is judged against: the one remembered if it agrees, else the
-        execution's latest event, read."""
-        if expected_version == 0:
-            return (
-                _NO_HEAD if execution_id not in self._heads else await self._read_head(execution_id)
-            )
-        known = self._heads.get(execution_id)
-        if known is not None and known.version == expected_version:
-            return known
-        return await self._read_head(execution_id)
-
-    async def _read_head(self, execution_id: str) -> _Head:
-        """The execution's latest event, as the stream's leader holds it."""
-        found = await self._wire("reading").leader_last(self._subject(execution_id))
-        if found is None:
-            return _NO_HEAD
-        sequence, data = found
-        entry = _decode_entry(data)
-        return _Head(entry.version, entry.hash, sequence)
-
-    def _remember(self, execution_id: str, head: _Head) -> None:
-        self._heads[execution_id] = head
-        self._heads.move_to_end(execution_id)
-        if len(self._heads) > _HEADS:
-            self._heads.popitem(last=False)
-
-    async def _refusal(
-        self,
-        execution_id: str,
-        expected_version: int,
-        claims: list[tuple[Any, StoredEvent]],
-        error: dict[str, Any],
-    ) -> EvflowError:
-        """Why JetStream refused an append: the version moved on (also when another engine
-        appends the same version at that moment: its message IDs are then in process), or a
-        scope was claimed, or else what JetStream said."""
-        head = await self._read_head(execution_id)
-        if head.version != expected_version:
-            return version_clash(execution_id, head.version, expected_version)
-        for scope, item in claims:
-            if await self.find_command(scope) is not None:
-                return DuplicateCommand(
-                    f"idempotency scope {scope} was already claimed",
-                    execution_id=item.execution_id,
-                    scope=scope,
-                )
-        return StoreError(
-            f"JetStream refused an append to execution {execution_id} "
-            f"({error.get('description')}) though its version and scopes are free; "
-            "nothing was appended: try again",
-            execution_id=execution_id,
-        )
 
     # reading
 
@@ -373,13 +227,13 @@ class JetStreamStore:
         decision taken on a read (a step about to run, a command judged) thus never rests
         on a replica that is behind.
         """
-        subject = self._subject(execution_id)
-        want = (await self._read_head(execution_id)).version
+        wire = self._wire("reading")
+        subject = self._layout.execution(execution_id)
+        want = (await self._appender.read_head(wire, execution_id)).version
         if to_version is not None:
             want = min(want, to_version)
-        for delay in _CATCH_UP:
-            found = await self._wire("reading").direct_all(subject, 1, to_version)
-            events = [_stored(msg) for msg in found]
+        for delay in CATCH_UP:
+            events = [stored(msg) for msg in await wire.direct_all(subject, 1, to_version)]
             if (events[-1].version if events else 0) >= want:
                 return events
             await asyncio.sleep(delay)
@@ -401,16 +255,20 @@ class JetStreamStore:
     async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[StoredEvent]:
         """Events of all executions in global order, after ``after_position``."""
         wire = self._wire("reading")
-        messages = await wire.direct_all(f"{self._events}.*", after_position + 1, limit)
-        return [_stored(msg) for msg in messages]
+        messages = await wire.direct_all(self._layout.events, after_position + 1, limit)
+        return [stored(msg) for msg in messages]
 
     async def records(
         self, after_position: int = 0, limit: int = 1000, execution_id: str | None = None
     ) -> list[Record]:
         """Events exactly as stored, in log order; see ``EventStore``."""
-        subject = self._subject(execution_id) if execution_id is not None else f"{self._events}.*"
+        subject = (
+            self._layout.execution(execution_id)
+            if execution_id is not None
+            else self._layout.events
+        )
         messages = await self._wire("reading").direct_all(subject, after_position + 1, limit)
-        return [_record(msg) for msg in messages]
+        return [as_record(msg) for msg in messages]
 
     async def is_empty(self) -> bool:
         """True when the log holds no event."""
@@ -419,15 +277,15 @@ class JetStreamStore:
     async def last_position(self) -> int:
         """The position of the latest event in the log (as its leader holds it); 0 when it
         is empty."""
-        found = await self._wire("reading").leader_last(f"{self._events}.*")
-        return 0 if found is None else found[0]
+        found = await self._wire("reading").leader_last(self._layout.events)
+        return 0 if found is None else found.sequence
 
     async def find_command(self, scope: str) -> StoredEvent | None:
         """The event that claimed an idempotency scope, if any."""
-        found = await self._wire("reading").leader_last(self._claim_subject(scope))
+        found = await self._wire("reading").leader_last(self._layout.claim(scope))
         if found is None:
             return None
-        claim = _decode_claim(found[1])
+        claim = decode_claim(found.data)
         events = await self.read(claim.execution_id, claim.version)
         return events[-1] if events and events[-1].version == claim.version else None
 
@@ -468,20 +326,15 @@ class JetStreamStore:
     # scans: start-up and listing
 
     async def unsettled(self, partitions: Collection[int] | None = None) -> list[str]:
-        """Executions whose last event leaves them running, in the order of those events."""
-        ends = await self._ends(None, partitions)
-        latest = sorted(ends.values(), key=lambda end: end[1].position)
-        return [last.execution_id for _, last in latest if not isinstance(last.event, SETTLING)]
+        """Executions whose last event leaves them running, in the order of those events;
+        of ``partitions`` only if given. Reads each execution's latest event only."""
+        return await jetstream_scans.unsettled(self._wire("scanning"), self._layout, partitions)
 
     async def pending_timers(self, partitions: Collection[int] | None = None) -> list[Timer]:
-        """The timer of every execution whose latest event starts one; see ``EventStore``."""
-        timers = []
-        for first, last in (await self._ends(None, partitions)).values():
-            assert isinstance(first.event, ExecutionStarted)
-            timer = pending_timer(first.event.flow, last)
-            if timer is not None:
-                timers.append(timer)
-        return timers
+        """The timer of every execution whose latest event starts one; see ``EventStore``.
+        Reads each execution's latest event only."""
+        wire = self._wire("scanning")
+        return await jetstream_scans.pending_timers(wire, self._layout, partitions)
 
     async def list_executions(
         self,
@@ -492,57 +345,11 @@ class JetStreamStore:
         as_of_position: int | None = None,
     ) -> list[ExecutionSummary]:
         """Executions as the log stood at ``as_of_position``, newest change first; see
-        ``EventStore``."""
-        rows = [
-            _summary(first, last)
-            for first, last in (await self._ends(as_of_position)).values()
-            if before_position is None or last.position < before_position
-        ]
-        rows = [
-            row
-            for row in rows
-            if (flow is None or row.flow == flow) and (status is None or row.status is status)
-        ]
-        rows.sort(key=lambda row: row.position, reverse=True)
-        return rows[: max(limit, 0)]
-
-    async def _ends(
-        self, as_of_position: int | None, partitions: Collection[int] | None = None
-    ) -> dict[str, tuple[StoredEvent, StoredEvent]]:
-        """Each execution's first and latest events, as of a position (the end if None), of
-        the executions in ``partitions`` if given.
-
-        Known limit: this reads the whole log, a page at a time, so start-up and each
-        listing cost time in proportion to the log's size; a projection kept in a
-        key-value bucket, rebuilt from the log, would bound it (issue 7).
-        """
-        ends: dict[str, tuple[StoredEvent, StoredEvent]] = {}
-        end = await self.last_position()  # the leader's: a replica behind is read again
-        if as_of_position is not None:
-            end = min(end, as_of_position)
-        after = 0
-        for delay in (0.0, *_CATCH_UP):
-            await asyncio.sleep(delay)
-            while after < end:
-                page = await self.read_all(after, DIRECT_BATCH * 4)
-                for stored in page:
-                    if stored.position > end:
-                        return ends
-                    if partitions is not None and partition_of(stored.execution_id) not in (
-                        partitions
-                    ):
-                        continue
-                    first = ends.get(stored.execution_id, (stored, stored))[0]
-                    ends[stored.execution_id] = (first, stored)
-                if not page:
-                    break
-                after = page[-1].position
-            if after >= end:
-                return ends
-        raise Unavailable(
-            f"the JetStream replicas answering reads of {self.stream} stay behind position "
-            f"{end}; try again when the cluster has caught up"
-        )
+        ``EventStore`` and ``jetstream_scans.list_executions``."""
+        return await jetstream_scans.list_executions(
+            self._wire("listing"), self._layout, flow, status, limit, before_position,
+            as_of_position,
+        )  # fmt: skip
 
     # import
 
@@ -564,6 +371,7 @@ class JetStreamStore:
                 f"the JetStream log {self.stream} is not empty; import only into a new log"
             )
         js = nc.jetstream(timeout=self.timeout)
+        origins: dict[str, Origin | None] = {}
         last = 0
         for item in records:
             if item.position <= last:
@@ -573,34 +381,21 @@ class JetStreamStore:
                     execution_id=item.execution_id,
                 )
             while last + 1 < item.position:
-                last = await stored_at(js, self._gaps, b"", last)
-            entry = _Entry(
-                item.execution_id, item.version, item.type, item.schema_version, item.at,
-                item.data, item.prev_hash, item.hash, item.scope,
-            )  # fmt: skip
-            last = await stored_at(js, self._subject(item.execution_id), encode(entry), last)
+                last = await stored_at(js, self._layout.gaps, b"", last)
+            origin = origins.setdefault(item.execution_id, first_origin(item))
+            body = encode(imported(item, origin))
+            last = await stored_at(js, self._layout.execution(item.execution_id), body, last)
         for item in records:
             if item.scope is not None:
-                claim = encode(_Claim(item.execution_id, item.version))
-                await stored_at(js, self._claim_subject(item.scope), claim, None)
-        self._heads.clear()
+                claim = encode(Claim(item.execution_id, item.version))
+                await stored_at(js, self._layout.claim(item.scope), claim, None)
+        self._appender.forget()
 
     async def _stream_last(self) -> int:
         reply = await self._wire("asking JetStream").api(f"$JS.API.STREAM.INFO.{self.stream}", {})
         return int(reply.get("state", {}).get("last_seq", 0))
 
     # NATS requests
-
-    def _subject(self, execution_id: str) -> str:
-        """The subject of an execution's events."""
-        try:
-            return f"{self._events}.{token(execution_id, 'execution_id')}"
-        except EvflowError as error:
-            raise StoreError(error.message, execution_id=execution_id) from None
-
-    def _claim_subject(self, scope: str) -> str:
-        """The subject of a scope's claim: any scope text becomes one token."""
-        return f"{self._claims}.{hashlib.sha256(scope.encode()).hexdigest()}"
 
     def _writable(self, doing: str) -> None:
         if self.read_only:
@@ -616,46 +411,3 @@ class JetStreamStore:
     def _wire(self, doing: str) -> StreamRequests:
         """Requests about the log's stream, on the open connection."""
         return StreamRequests(self._connected(doing), self.stream, self.timeout)
-
-
-def _stored(msg: Msg) -> StoredEvent:
-    entry = _decode_entry(msg.data)
-    return stored_event(
-        sequence_of(msg), entry.execution_id, entry.version, entry.type, entry.schema_version,
-        entry.at, bytes(entry.data).decode(), entry.prev_hash, entry.hash,
-    )  # fmt: skip
-
-
-def _record(msg: Msg) -> Record:
-    entry = _decode_entry(msg.data)
-    return record(
-        sequence_of(msg), entry.execution_id, entry.version, entry.type, entry.schema_version,
-        entry.at, bytes(entry.data).decode(), entry.prev_hash, entry.hash, entry.scope,
-    )  # fmt: skip
-
-
-def _chained(events: Sequence[StoredEvent], prev_hash: str | None) -> list[_Entry]:
-    """The message bodies of an append's events, each hash chained to the one before."""
-    entries = []
-    for item in events:
-        values = chained_row(item, prev_hash)  # the SQLite log's columns, in its order
-        entry = _Entry(*values[:5], Raw(values[5]), *values[6:])  # type: ignore[arg-type]
-        entries.append(entry)
-        prev_hash = entry.hash
-    return entries
-
-
-def _summary(first: StoredEvent, last: StoredEvent) -> ExecutionSummary:
-    """A listing row from an execution's first and latest events."""
-    started = first.event
-    assert isinstance(started, ExecutionStarted)
-    return ExecutionSummary(
-        execution_id=first.execution_id,
-        flow=started.flow,
-        flow_version=started.flow_version,
-        status=status_after(type(last.event).__name__),
-        version=last.version,
-        started_at=first.at,
-        updated_at=last.at,
-        position=last.position,
-    )

@@ -1,11 +1,13 @@
 """The JetStream requests the JetStream log makes: API calls, gets from the stream's leader,
-batched direct gets from any replica, atomic batches and single checked publishes."""
+batched direct gets from any replica (of a subject's messages in order, or of the latest
+message of each of many subjects), atomic batches and single checked publishes."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import nats
@@ -14,14 +16,35 @@ from nats.aio.msg import Msg
 
 from ..errors import StoreError, Unavailable
 
+CATCH_UP = (0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+"""Seconds between reads a replica answered from behind what the stream's leader holds."""
 DIRECT_BATCH = 256
 """Messages asked for at once from a direct get."""
+MULTI_LAST = 1024
+"""Subjects one direct get of latest messages (``multi_last``) may match: nats-server
+answers 413 past it (``maxAllowedResponses`` in its stream.go, 2.11 to 2.12 at least)."""
+SUBJECT_PAGE = 100_000
+"""Subjects one stream info lists at most (nats-server's ``JSMaxSubjectDetails``)."""
 _NO_MESSAGE = 10037
 """JetStream's error code for a message get that finds none."""
 _PASSING = frozenset({10004, 10005, 10008, 10009, 10040})
 """JetStream's error codes for a cluster still forming or electing: incomplete (10004), no
 peer to place replicas on yet (10005), temporarily unavailable (10008), not the leader
 (10009), a peer not yet a member (10040)."""
+
+
+class Message(NamedTuple):
+    """A message as the stream's leader returned it."""
+
+    sequence: int
+    subject: str
+    data: bytes
+
+
+class TooManySubjects(StoreError):
+    """A direct get of latest messages matched more than ``MULTI_LAST`` subjects: ask for
+    fewer at a time."""
+
 
 encode = msgspec.json.Encoder().encode
 
@@ -57,25 +80,50 @@ class StreamRequests:
             ) from error
         return msgspec.json.decode(reply.data)
 
-    async def leader_last(self, subject: str) -> tuple[int, bytes] | None:
-        """The sequence and body of the last message on ``subject`` (wildcards allowed), as
-        the stream's leader holds it; None if there is none."""
-        reply = await self.api(f"$JS.API.STREAM.MSG.GET.{self.stream}", {"last_by_subj": subject})
+    async def leader_last(self, subject: str) -> Message | None:
+        """The last message on ``subject`` (wildcards allowed), as the stream's leader holds
+        it; None if there is none."""
+        return await self._leader_get({"last_by_subj": subject}, subject)
+
+    async def leader_at(self, sequence: int) -> Message | None:
+        """The message at ``sequence``, as the stream's leader holds it; None if none."""
+        return await self._leader_get({"seq": sequence}, f"sequence {sequence}")
+
+    async def _leader_get(self, request: dict[str, Any], what: str) -> Message | None:
+        reply = await self.api(f"$JS.API.STREAM.MSG.GET.{self.stream}", request)
         error = reply.get("error")
         if error is not None:
             if error.get("err_code") == _NO_MESSAGE:
                 return None
             if refusal_may_pass(error.get("code"), error.get("err_code")):
                 raise Unavailable(
-                    f"JetStream could not answer a read of {subject} in {self.stream} "
+                    f"JetStream could not answer a read of {what} in {self.stream} "
                     f"({error.get('description')}); try again once the cluster has a leader"
                 )
             raise StoreError(
-                f"JetStream refused a read of {subject} in {self.stream} "
+                f"JetStream refused a read of {what} in {self.stream} "
                 f"({error.get('description')}); check that the stream exists (nats stream ls)"
             )
         message = reply["message"]
-        return int(message["seq"]), base64.b64decode(message.get("data") or b"")
+        data = base64.b64decode(message.get("data") or b"")
+        return Message(int(message["seq"]), message["subject"], data)
+
+    async def leader_subjects(self, subject: str) -> list[str]:
+        """The subjects matching ``subject`` that hold messages, as the stream's leader
+        holds them, a page of ``SUBJECT_PAGE`` at a time."""
+        found: list[str] = []
+        while True:
+            request = {"subjects_filter": subject, "offset": len(found)}
+            reply = await self.api(f"$JS.API.STREAM.INFO.{self.stream}", request)
+            if "error" in reply:
+                raise StoreError(
+                    f"JetStream refused to list the subjects {subject} of {self.stream} "
+                    f"({reply['error'].get('description')}); check that the stream exists"
+                )
+            page = list(reply.get("state", {}).get("subjects") or {})
+            found += page
+            if not page or len(found) >= int(reply.get("total", 0)):
+                return found
 
     async def direct_all(self, subject: str, first: int, limit: int | None) -> list[Msg]:
         """The messages on ``subject`` from sequence ``first``, up to ``limit`` of them (all
@@ -91,43 +139,77 @@ class StreamRequests:
             start = sequence_of(page[-1]) + 1
         return found
 
+    async def latest(self, subjects: list[str], up_to: int) -> list[Msg]:
+        """The latest message at or before sequence ``up_to`` of each subject matching
+        ``subjects`` (wildcards allowed), in sequence order, by direct gets from one
+        replica at a time. Raises ``TooManySubjects`` past ``MULTI_LAST`` subjects."""
+        found: list[Msg] = []
+        request: dict[str, Any] = {"multi_last": subjects, "up_to_seq": up_to}
+        while True:
+            page, pending = await self._direct(request, subjects[0])
+            found += page
+            if not page or not pending:
+                return found
+            request["seq"] = sequence_of(page[-1]) + 1
+
     async def _direct_batch(self, subject: str, start: int, batch: int) -> tuple[list[Msg], int]:
         """One direct get of up to ``batch`` messages from sequence ``start``, and how many
         more the stream holds after them."""
+        return await self._direct({"next_by_subj": subject, "seq": start, "batch": batch}, subject)
+
+    async def _direct(self, request: dict[str, Any], subject: str) -> tuple[list[Msg], int]:
+        """The messages one direct get answers with, and how many more it has after them.
+
+        The answer is gathered by a callback rather than a wait per message: an answer of
+        a thousand messages costs a thousand waits otherwise."""
         nc = self.nc
+        page: list[Msg] = []
+        closing: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+
+        async def gather(msg: Msg) -> None:
+            if msg.headers and "Status" in msg.headers:
+                if not closing.done():
+                    closing.set_result(msg)
+            else:
+                page.append(msg)
+
         inbox = nc.new_inbox()
-        subscription = await nc.subscribe(inbox)
-        request = {"next_by_subj": subject, "seq": start, "batch": batch}
+        subscription = await nc.subscribe(inbox, cb=gather)
         try:
             await nc.publish(f"$JS.API.DIRECT.GET.{self.stream}", encode(request), reply=inbox)
-            page: list[Msg] = []
-            while True:
-                msg = await subscription.next_msg(timeout=self.timeout)
-                status = msg.headers.get("Status") if msg.headers else None
-                if status is None:
-                    page.append(msg)
-                    continue
-                if status == "404":
-                    return page, 0
-                if status == "204":
-                    return page, int(msg.headers.get("Nats-Num-Pending", "0"))
-                if status == "503":  # no replica answers: a node restarting, an election
-                    raise Unavailable(
-                        f"no JetStream replica answered a read of {subject} in {self.stream}; "
-                        "try again once the cluster has a leader for it"
-                    )
-                raise StoreError(
-                    f"JetStream refused a read of {subject} in {self.stream} ({status} "
-                    f"{msg.headers.get('Description', '')}); the stream needs allow_direct, "
-                    "which the engine sets when it creates it"
-                )
-        except nats.errors.TimeoutError as error:
+            end = await asyncio.wait_for(closing, self.timeout)
+        except TimeoutError as error:
             raise Unavailable(
                 f"JetStream did not answer a read of {subject} in {self.stream} in time; "
                 "try again once the cluster has a leader for it"
             ) from error
         finally:
             await subscription.unsubscribe()
+        assert end.headers is not None
+        return page, self._pending(end, end.headers["Status"], subject)
+
+    def _pending(self, msg: Msg, status: str, subject: str) -> int:
+        """What a direct get's closing status says: how many more messages it has."""
+        assert msg.headers is not None
+        if status == "404":
+            return 0
+        if status == "204":
+            return int(msg.headers.get("Nats-Num-Pending", "0"))
+        if status == "413":
+            raise TooManySubjects(
+                f"a read of the latest events of {subject} in {self.stream} matched more "
+                f"than {MULTI_LAST} executions; read fewer at a time"
+            )
+        if status == "503":  # no replica answers: a node restarting, an election
+            raise Unavailable(
+                f"no JetStream replica answered a read of {subject} in {self.stream}; "
+                "try again once the cluster has a leader for it"
+            )
+        raise StoreError(
+            f"JetStream refused a read of {subject} in {self.stream} ({status} "
+            f"{msg.headers.get('Description', '')}); the stream needs allow_direct, "
+            "which the engine sets when it creates it"
+        )
 
 
 async def bucket_if_any(js: Any, bucket: str) -> Any:
@@ -189,5 +271,6 @@ async def atomic_batch(
 
 
 def sequence_of(msg: Msg) -> int:
+    """The stream sequence of a message a direct get answered with."""
     assert msg.headers is not None
     return int(msg.headers["Nats-Sequence"])
