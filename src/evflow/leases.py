@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 import msgspec
 from nats.aio.client import Client as NATS
-from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from .partitions import PARTITIONS
 from .store.jetstream_requests import StreamRequests
@@ -231,7 +231,8 @@ class Leases:
                 self._partition_key(partition), self.engine.encode(), last=lease.revision
             )
         except KeyWrongLastSequenceError:
-            await self._lose(partition, "another engine took it")
+            if not await self._wrote_last(partition, lease):
+                await self._lose(partition, "another engine took it")
             return
         except Exception as error:
             logger.debug("renewing partition %d failed (%s)", partition, error)
@@ -242,6 +243,25 @@ class Leases:
         if lease.lapsed:
             logger.info("engine %s holds partition %d again", self.engine, partition)
             await self._holder.gained(partition)
+
+    async def _wrote_last(self, partition: int, lease: _Lease) -> bool:
+        """Whether the key's latest revision is this engine's own: a renewal whose answer
+        was lost (cut off, it reached the server late) moved it on. Only this engine writes
+        its name, and only over a revision it holds or that lapsed, so the lease is still
+        its own; the next round renews from that revision (and only then counts as sent).
+        Not known (NATS out of reach): kept, to lapse by itself if it stays so."""
+        try:
+            entry = await self._kv.get(self._partition_key(partition))
+        except KeyNotFoundError:
+            return False
+        except Exception as error:
+            logger.debug("reading partition %d's lease failed (%s)", partition, error)
+            return True
+        if entry.value != self.engine.encode():
+            return False
+        if self._held.get(partition) is lease:
+            lease.revision = entry.revision
+        return True
 
     async def _lapse(self) -> None:
         now = self._clock()
