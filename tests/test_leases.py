@@ -1,11 +1,15 @@
 """Partition leases on a real nats-server: engines share the partitions evenly, never hold
-one twice, take a dead engine's partitions only after its lease term, and a holder that
-stalled past its term is told it lost them.
+one twice, take a dead engine's partitions only after its lease term, a holder cut off from
+NATS stops acting at its fence, before another may take over, and a holder that stalled past
+its term is told it lost them.
 
-Time is a hand-moved clock and each round is run by hand, so the terms are exact."""
+Time is a hand-moved clock and each round is run by hand, so the terms are exact. A holder
+is cut off by a TCP relay between it and the nats-server that stops passing bytes on, as a
+network partition does (the connection stays open; requests go unanswered)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -13,7 +17,8 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 
-from evflow.leases import TERM, Leases
+from evflow.errors import Unavailable
+from evflow.leases import FENCE, TERM, Leases
 from evflow.nats_server import NatsServer
 from evflow.partitions import PARTITIONS
 
@@ -53,6 +58,62 @@ async def nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
     yield connection
     with contextlib.suppress(ConnectionError):  # a test restarted the server under it
         await connection.close()
+
+
+class Relay:
+    """A TCP relay to the nats-server that can be cut: while cut, bytes wait in it."""
+
+    def __init__(self, target_port: int):
+        self._target = target_port
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._server: asyncio.Server | None = None
+        self._pumps: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"nats://127.0.0.1:{port}"
+
+    def cut(self) -> None:
+        self._flowing.clear()
+
+    def mend(self) -> None:
+        self._flowing.set()
+
+    async def close(self) -> None:
+        for pump in self._pumps:
+            pump.cancel()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+        if self._server is not None:
+            self._server.close()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self._target)
+        for source, sink in ((reader, upstream_writer), (upstream_reader, writer)):
+            pump = asyncio.create_task(self._pump(source, sink))
+            self._pumps.add(pump)
+
+    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                await self._flowing.wait()
+                sink.write(data)
+                await sink.drain()
+        finally:
+            sink.close()
+
+
+@pytest.fixture
+async def cut_off(nats_server: NatsServer) -> AsyncIterator[tuple[NATS, Relay]]:
+    """A connection to the nats-server through a relay the test can cut."""
+    relay = Relay(nats_server.port)
+    connection = await nats.connect(await relay.start(), max_reconnect_attempts=-1)
+    yield connection, relay
+    relay.mend()
+    with contextlib.suppress(ConnectionError, TimeoutError):
+        await connection.close()
+    await relay.close()
 
 
 async def engine(nc: NATS, name: str, clock: Clock) -> tuple[Leases, Holder]:
@@ -139,3 +200,66 @@ async def test_an_overtaken_holder_is_told_it_lost_the_partitions(nc: NATS):
     assert {p for kind, p in held_a.told if kind == "lost"} >= stalled
     no_partition_twice(held_a, held_b)
     assert held_a.held | held_b.held == set(range(PARTITIONS))
+
+
+async def test_a_holder_cut_off_stops_acting_at_its_fence_before_another_takes_over(
+    nc: NATS, cut_off: tuple[NATS, Relay]
+):
+    """Cut off from NATS, a holder cannot renew: past the fence it is told it lost its
+    partitions, while the term still keeps the other engine from taking them; past the term
+    the other takes them, and the holder, back, does not renew over it."""
+    through_relay, relay = cut_off
+    clock = Clock()
+    a, held_a = await engine(through_relay, "a", clock)
+    b, held_b = await engine(nc, "b", clock)
+    await rounds(a, b, times=4)
+    cut = set(held_a.held)
+
+    relay.cut()
+    before_cut = len(held_a.told)
+    clock.now += FENCE + 0.5
+    with pytest.raises((TimeoutError, Unavailable)):  # renewals unanswered; the look too
+        await a.tick()
+    fenced = set(held_a.held)
+    await rounds(b)
+    early = set(held_b.held)
+    clock.now += TERM - FENCE
+    await rounds(b)
+    relay.mend()
+    await rounds(a, b, times=4)
+
+    assert cut and not fenced  # stopped acting on every one at the fence
+    told_since = held_a.told[before_cut:]
+    assert {p for kind, p in told_since if kind == "lost"} == cut
+    assert not (early & cut)  # none taken before the term
+    assert held_b.held >= cut  # taken past the term
+    assert not {p for kind, p in told_since if kind == "gained"} & cut  # a renewed none of them
+    no_partition_twice(held_a, held_b)
+    assert held_a.held | held_b.held == set(range(PARTITIONS))
+
+
+async def test_a_holder_back_before_the_term_acts_on_its_partitions_again(
+    nc: NATS, cut_off: tuple[NATS, Relay]
+):
+    """Cut off past its fence but back before the term, a holder renews its leases, which
+    no other engine could take meanwhile, and acts on its partitions again."""
+    through_relay, relay = cut_off
+    clock = Clock()
+    a, held_a = await engine(through_relay, "a", clock)
+    b, held_b = await engine(nc, "b", clock)
+    await rounds(a, b, times=4)
+    cut = set(held_a.held)
+
+    relay.cut()
+    clock.now += FENCE + 0.5
+    with pytest.raises((TimeoutError, Unavailable)):
+        await a.tick()
+    fenced = set(held_a.held)
+    await rounds(b)
+    relay.mend()
+    await rounds(a)
+
+    assert cut and not fenced
+    assert held_a.held == cut
+    assert not (held_b.held & cut)
+    no_partition_twice(held_a, held_b)
