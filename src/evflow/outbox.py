@@ -133,8 +133,9 @@ class Outbox:
         """Publish from the saved checkpoint on (this engine took partition 0)."""
         if self._leading.is_set():
             return
+        position = await self._store.load_checkpoint(self.CHECKPOINT)  # may fail: not leading
         self._pings = await self._nc.subscribe(self._subjects.appended(), cb=self._woken)
-        self.position = await self._store.load_checkpoint(self.CHECKPOINT)
+        self.position = position
         self._saved = (self.position, time.monotonic())
         self._leading.set()
         self._wake.set()

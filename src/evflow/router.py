@@ -15,6 +15,7 @@ log holds every partition and runs everything itself.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 from typing import Any
@@ -31,6 +32,7 @@ from .engine import Engine
 from .errors import EvflowError, InternalError, StoreError, Unavailable, from_body
 from .outbox import Outbox
 from .partitions import PARTITIONS, new_execution_id_in, partition_of
+from .startup import may_pass
 from .state import ExecutionState
 from .subjects import Subjects
 
@@ -41,6 +43,10 @@ FORWARD_TIMEOUT = 60.0
 WAIT_FOR_HOLDER = (0.05, 0.1, 0.2, 0.5, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0)
 """Seconds between forwards that found no holder: about 15 s in all, long enough for a dead
 engine's partitions to be taken over (``leases.TERM`` and a renewal)."""
+
+TAKE_RETRY = (0.5, 1.0, 2.0, 5.0)
+"""Seconds between tries to act on a gained partition (load its timers, drive on its
+executions) while that fails; the last repeats for as long as the partition is held."""
 
 PUBLISHER = 0
 """The partition whose holder's outbox publishes the notifications of the whole log."""
@@ -182,19 +188,38 @@ class Router:
         self._track(self._take(partition))
 
     async def _take(self, partition: int) -> None:
+        """Act on a gained partition, trying again while it is held: a holder that cannot
+        load its timers or drive on its executions (JetStream electing after losing its
+        quorum) must not hold the partition idle."""
         self._running[partition] = self._running.get(partition, 0) + 1
         try:
-            if partition == PUBLISHER and self._outbox is not None:
-                await self._outbox.lead()
-            recovered = await self._engine.take_partition(partition)
-            if recovered:
-                logger.info("drove on %d executions of partition %d", recovered, partition)
-        except EvflowError as error:
-            logger.error("taking over partition %d failed: %s", partition, error)
+            for attempt in itertools.count():
+                if partition not in self.held:
+                    return
+                try:
+                    await self._act_on(partition)
+                    return
+                except Exception as error:
+                    delay = TAKE_RETRY[min(attempt, len(TAKE_RETRY) - 1)]
+                    logger.log(
+                        logging.WARNING if may_pass(error) else logging.ERROR,
+                        "taking over partition %d failed (%s); trying again in %g s",
+                        partition,
+                        error,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
         finally:
             self._running[partition] -= 1
             if not self._running[partition] and partition in self._idle:
                 self._idle[partition].set()
+
+    async def _act_on(self, partition: int) -> None:
+        if partition == PUBLISHER and self._outbox is not None:
+            await self._outbox.lead()
+        recovered = await self._engine.take_partition(partition)
+        if recovered:
+            logger.info("drove on %d executions of partition %d", recovered, partition)
 
     async def lost(self, partition: int) -> None:
         """Stop acting on the partition at once: another engine may hold it now."""
