@@ -14,10 +14,12 @@ import itertools
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from evflow import Client, EvflowError, Status
+from evflow.messages import Paused, Waiting
 from evflow.nats_cluster import NatsCluster
 from processes import ROOT, Child, Spawn, cli_env
 
@@ -172,5 +174,58 @@ async def test_a_killed_nats_node_loses_nothing(
         calls = (tmp_path / "runs.log").read_text().split()[::2]
         ours = [key for key in calls if key.split("/")[0] in set(answered)]
         assert len(ours) == len(set(ours)) == 2 * len(answered)
+    finally:
+        await client.close()
+
+
+async def until_answered(invoke: Callable[[], Awaitable[object]]) -> object:
+    """Send a command until an engine answers it (JetStream electing refuses it a while)."""
+    async with asyncio.timeout(90):
+        while True:
+            try:
+                return await invoke()
+            except EvflowError:
+                await asyncio.sleep(0.5)
+
+
+async def notified_until(notes: Any, execution_id: str, last: str) -> list[str]:
+    """The kinds of the notifications about ``execution_id``, up to one of kind ``last``."""
+    kinds: list[str] = []
+    async with asyncio.timeout(30):
+        while last not in kinds:
+            *_, about, kind = (await notes.next_msg(timeout=30)).subject.split(".")
+            if about == execution_id:
+                kinds.append(kind)
+    return kinds
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_engines_act_again_when_the_cluster_regains_its_quorum(
+    nats_cluster: NatsCluster, spawn: Spawn, tmp_path: Path
+):
+    """Two of three nodes down: every engine stops acting at its fence. Once the nodes are
+    back, the engines act on their partitions again, though JetStream still elects for a
+    while: commands are answered, timers fire, and notifications flow again."""
+    engines = await start_engines(spawn, nats_cluster, tmp_path)
+    client = await Client.connect(",".join(nats_cluster.urls), timeout=5)
+    try:
+        notes = await client.nc.subscribe("evflow.events.>")
+        for node in (1, 2):
+            nats_cluster.kill(node)
+            await nats_cluster.stop_node(node)
+        for engine in engines:
+            await engine.wait_for("stops acting on it")
+        for node in (1, 2):
+            await nats_cluster.start_node(node)
+        timed = await until_answered(lambda: client.invoke("timed", _timed(1)))
+        paused = await until_answered(lambda: client.invoke("order", {"n": 2}))
+
+        assert isinstance(timed, Waiting) and isinstance(paused, Paused)
+        kinds = await notified_until(notes, paused.execution_id, "paused")
+        assert kinds[0] == "started" and kinds.count("paused") == 1
+        await settle_all(client, [timed.execution_id, paused.execution_id])
+        await check_histories(client, [timed.execution_id, paused.execution_id])
+        assert all(engine.process.returncode is None for engine in engines)
     finally:
         await client.close()
