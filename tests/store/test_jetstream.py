@@ -18,6 +18,7 @@ import pytest
 from evflow.audit import verify_store
 from evflow.errors import ConcurrencyError, DuplicateCommand, StoreError, Unavailable
 from evflow.events import TimerStarted
+from evflow.nats_cluster import NatsCluster
 from evflow.nats_server import NatsServer
 from evflow.partitions import new_execution_id_in, partition_of
 from evflow.state import Status
@@ -180,6 +181,25 @@ async def test_a_log_written_before_partitions_is_refused_naming_the_fix(
         assert "before events were filed by partition" in refused.value.message
         assert "evflow export" in refused.value.message
         assert "nats stream rm OLD_LOG" in refused.value.message
+
+
+@pytest.mark.slow
+async def test_a_log_is_not_written_with_another_number_of_copies(nats_cluster: NatsCluster):
+    """An engine asking for other replicas than the log keeps is refused, naming the number
+    to give, rather than changing them for every engine; an auditor reading it is not."""
+    made = JetStreamStore(nats_cluster.urls, name="COPIES", replicas=3)
+    await made.open()
+    await made.close()
+
+    other = JetStreamStore(nats_cluster.urls, name="COPIES", replicas=1)
+    with pytest.raises(StoreError) as refused:
+        await other.open()
+    auditor = JetStreamStore(nats_cluster.urls, name="COPIES", read_only=True)
+    await auditor.open()
+    await auditor.close()
+
+    assert "COPIES_LOG keeps 3 copies, not the 1" in refused.value.message
+    assert "jetstream?replicas=3" in refused.value.message
 
 
 async def test_a_scan_takes_no_answer_from_a_replica_behind_the_leader(

@@ -169,8 +169,10 @@ class JetStreamStore:
                 f"there is no JetStream log {self.stream} on {', '.join(self.servers)} "
                 f"({reply['error'].get('description')}); check --store"
             )
-        subjects = reply.get("config", {}).get("subjects") or []
+        config = reply.get("config", {})
+        subjects = config.get("subjects") or []
         if sorted(subjects) == sorted(self._layout.subjects()):
+            self._check_replicas(config.get("num_replicas", 1))
             return
         earlier = self._layout.old_events in subjects
         raise StoreError(
@@ -182,6 +184,18 @@ class JetStreamStore:
             f"FILE), remove the stream (nats stream rm {self.stream}), and import the export "
             "with this one (evflow import --store URL FILE)"
         )  # fmt: skip
+
+    def _check_replicas(self, kept: int) -> None:
+        """Refuse to write to a log that keeps another number of copies than asked: every
+        engine on a log must agree on it, rather than the last one started deciding."""
+        if self.read_only or kept == self.replicas:
+            return
+        raise StoreError(
+            f"the JetStream log {self.stream} keeps {kept} copies, not the {self.replicas} "
+            f"this store URL asks for; give every engine on it --store "
+            f"'jetstream?replicas={kept}', or change the copies of the stream and its "
+            f"buckets with nats stream edit first"
+        )
 
     async def close(self) -> None:
         """Refuse new appends, let those under way finish, then disconnect."""
