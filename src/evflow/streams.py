@@ -106,12 +106,31 @@ class Streams:
             except APIError as error:
                 if error.err_code != _NAME_IN_USE:  # taken with other settings: update them
                     raise
+                before = (await self.js.stream_info(config.name)).config
                 await self.js.update_stream(config)
-                logger.info("updated the settings of stream %s", config.name)
+                self._say_changed(before, config)
         except NatsError as error:
             if may_pass(error):  # JetStream electing or out of reach: the start waits
                 raise
             raise self._unusable(error) from None
+
+    @staticmethod
+    def _say_changed(before: js_api.StreamConfig, after: js_api.StreamConfig) -> None:
+        """Warn of the settings this engine changed: on a cluster, engines share the
+        streams, and the one started last decides, for all of them, how many copies and how
+        much they keep."""
+        changed = [
+            f"{name} {getattr(before, name)} -> {getattr(after, name)}"
+            for name in ("num_replicas", "max_age", "max_bytes", "duplicate_window")
+            if getattr(after, name) is not None and getattr(before, name) != getattr(after, name)
+        ]
+        if changed:
+            logger.warning(
+                "changed the settings of stream %s (%s): every engine sharing it should be "
+                "started with the same --replicas and stream options",
+                after.name,
+                ", ".join(changed),
+            )
 
     async def _ensure_consumer(self) -> None:
         config = js_api.ConsumerConfig(
