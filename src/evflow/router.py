@@ -172,8 +172,9 @@ class Router:
             if delay is not None:
                 await asyncio.sleep(delay)
         raise Unavailable(
-            f"no engine holds partition {partition} of {_named(command)} yet (an engine "
-            "stopped, and its partitions are being taken over); send the command again",
+            f"no engine holds partition {partition} of {_named(command)} yet (its holder "
+            "stopped or lost NATS and it is being taken over, or the NATS cluster lacks a "
+            "quorum); send the command again",
             execution_id=getattr(command, "execution_id", None),
         )
 
