@@ -33,10 +33,12 @@ from evflow.events import (
     StoredEvent,
     Upcasters,
 )
+from evflow.nats_server import NatsServer
 from evflow.state import fold
 from evflow.store import migrations
+from evflow.store.jetstream import JetStreamStore
 from evflow.store.sqlite import SqliteStore
-from processes import BOUND, Result, evflow, sqlite_url
+from processes import BOUND, Result, cli_env, evflow, sqlite_url
 
 HISTORIES = Path(__file__).parent / "histories"
 SCHEMAS = Path(__file__).parent.parent / "schemas"
@@ -616,3 +618,23 @@ async def test_a_file_in_the_wrong_order_is_found(log: Path, tmp_path: Path):
     result = await evflow("verify", "--file", str(copy))
 
     assert result.returncode == 1 and "records were reordered" in result.stdout, result
+
+
+async def test_verify_finds_a_jetstream_log_where_evflow_nats_url_points(
+    nats_server: NatsServer,
+):
+    """``--store jetstream`` names the log on the NATS servers the CLI is pointed at, as
+    for the engine: ``EVFLOW_NATS_URL``, not always 127.0.0.1:4222."""
+    store = JetStreamStore(nats_server.url)
+    await store.open()
+    try:
+        await store.append("a", 0, [StoredEvent("a", 1, T0, ExecutionStarted("f", {}))])
+    finally:
+        await store.close()
+
+    result = await evflow(
+        "verify", "--store", "jetstream", "--json", env=cli_env(EVFLOW_NATS_URL=nats_server.url)
+    )
+
+    assert result.returncode == 0, result
+    assert verdict(result)["events"] == 1

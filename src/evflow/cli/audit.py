@@ -7,6 +7,7 @@ could not do its work (no such log, an unreadable export, a log that is not empt
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ import msgspec
 
 from .. import audit
 from ..chain import Verdict
+from ..client import DEFAULT_URL
 from ..errors import EvflowError
 from ..store import MAX_POSITION, EventStore, SqliteLog, open_store, parse_store
 from . import err, main, out, store_option
@@ -164,7 +166,8 @@ def _on_store(
     evflow error exits 2."""
 
     async def run() -> Any:
-        store = await open_store(url, read_only=read_only)
+        nats_url = os.environ.get("EVFLOW_NATS_URL") or DEFAULT_URL  # for --store jetstream
+        store = await open_store(url, read_only=read_only, nats_url=nats_url)
         try:
             return await work(store)
         finally:
