@@ -215,7 +215,7 @@ async def test_engines_act_again_when_the_cluster_regains_its_quorum(
             nats_cluster.kill(node)
             await nats_cluster.stop_node(node)
         for engine in engines:
-            await engine.wait_for("stops acting on it")
+            await engine.wait_for("stops acting on them")
         for node in (1, 2):
             await nats_cluster.start_node(node)
         timed = await until_answered(lambda: client.invoke("timed", _timed(1)))

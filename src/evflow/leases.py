@@ -265,17 +265,24 @@ class Leases:
 
     async def _lapse(self) -> None:
         now = self._clock()
-        for partition, lease in list(self._held.items()):
-            if not lease.lapsed and now - lease.sent > self._fence:
-                lease.lapsed = True
-                logger.warning(
-                    "engine %s could not renew its lease on partition %d for %.0f s; it stops "
-                    "acting on it until it can",
-                    self.engine,
-                    partition,
-                    now - lease.sent,
-                )
-                await self._holder.lost(partition)
+        lapsed = [
+            partition
+            for partition, lease in self._held.items()
+            if not lease.lapsed and now - lease.sent > self._fence
+        ]
+        if not lapsed:
+            return
+        for partition in lapsed:  # before any wait: the watchdog and a round both look
+            self._held[partition].lapsed = True
+        logger.warning(
+            "engine %s could not renew its leases on partitions %s for over %.0f s; it "
+            "stops acting on them until it can",
+            self.engine,
+            ", ".join(map(str, sorted(lapsed))),
+            self._fence,
+        )
+        for partition in lapsed:
+            await self._holder.lost(partition)
 
     async def _look(self) -> None:
         """Read every key's latest revision; note when each revision was first seen."""
