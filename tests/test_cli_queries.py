@@ -107,8 +107,8 @@ async def test_ls_with_a_limit_says_how_to_see_the_rest(
     first = await evflow("ls", "--limit", "2", "--json", "--flow", "approval", "--nats", url)
     hint = first.stderr.strip()
     assert hint.startswith("more executions follow: evflow ls --flow approval --limit 2 --after ")
-    assert hint.endswith(" --json")
-    rest = await evflow(*hint.split("evflow ", 1)[1].split(), "--nats", url)
+    assert hint.endswith(f" --json --nats {url}")  # a command to copy as it is
+    rest = await evflow(*hint.split("evflow ", 1)[1].split())
 
     assert [json.loads(line)["execution_id"] for line in first.lines] == started[:0:-1]
     assert rest.returncode == 0, rest

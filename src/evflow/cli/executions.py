@@ -12,7 +12,7 @@ import click
 import msgspec
 from rich.table import Table
 
-from ..client import Client
+from ..client import DEFAULT_URL, Client
 from ..errors import EvflowError
 from ..messages import (
     MAX_LIST_LIMIT,
@@ -201,7 +201,8 @@ def list_executions(
         options = {"--flow": flow, "--status": status, "--limit": str(limit), "--after": page.next}
         again = " ".join(f"{name} {value}" for name, value in options.items() if value)
         flag = " --json" if as_json else ""
-        err.print(f"more executions follow: evflow ls {again}{flag}", highlight=False)
+        where = f" --nats {nats_url}" if nats_url != DEFAULT_URL else ""
+        err.print(f"more executions follow: evflow ls {again}{flag}{where}", highlight=False)
 
 
 @main.command()

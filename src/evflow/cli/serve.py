@@ -15,6 +15,7 @@ import click
 import msgspec
 from rich.logging import RichHandler
 
+from ..client import DEFAULT_URL
 from ..connection import servers
 from ..errors import EvflowError
 from ..flow import App
@@ -272,7 +273,8 @@ def _announce(app: App, server: Server) -> None:
     if example is not None:
         names = [field.name for field in msgspec.structs.fields(example.inputs)]
         fields = " ".join(f"--input {name}=..." for name in names)
-        logger.info("try it: evflow invoke %s %s", example.name, fields)
+        where = f" --nats {server.nats_url}" if server.nats_url != DEFAULT_URL else ""
+        logger.info("try it: evflow invoke %s %s%s", example.name, fields, where)
 
 
 def _stop_on_signals() -> asyncio.Event:
