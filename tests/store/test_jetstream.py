@@ -202,6 +202,15 @@ async def test_a_log_is_not_written_with_another_number_of_copies(nats_cluster: 
     assert "jetstream?replicas=3" in refused.value.message
 
 
+async def test_replicas_asked_of_one_server_are_refused_naming_the_fix(nats_server: NatsServer):
+    store = JetStreamStore(nats_server.url, name="MANY", replicas=3)
+    with pytest.raises(StoreError) as refused:
+        await store.open()
+
+    assert "MANY_LOG" in refused.value.message
+    assert "jetstream?replicas=1" in refused.value.message
+
+
 async def test_a_scan_takes_no_answer_from_a_replica_behind_the_leader(
     nats_server: NatsServer,
 ):

@@ -60,6 +60,9 @@ from .jetstream_requests import (
 
 logger = logging.getLogger(__name__)
 
+_REPLICAS_NOT_SUPPORTED = 10074
+"""JetStream's error code for replicas asked of a server that is not in a cluster."""
+
 
 class JetStreamStore:
     """The log in a JetStream stream; see the module's docstring.
@@ -149,6 +152,12 @@ class JetStreamStore:
             if refusal_may_pass(error.get("code"), error.get("err_code")):
                 raise Unavailable(
                     f"JetStream could not create the stream {self.stream} yet ({refused})"
+                )
+            if error.get("err_code") == _REPLICAS_NOT_SUPPORTED:
+                raise StoreError(
+                    f"JetStream refused to create the stream {self.stream} ({refused}): one "
+                    f"nats-server keeps one copy; give --store 'jetstream?replicas=1', or run "
+                    "a cluster of at least as many nodes as replicas"
                 )
             raise StoreError(
                 f"JetStream refused to create the stream {self.stream} ({refused}); the "
