@@ -32,11 +32,14 @@ class Clock:
 
 
 class Holder:
-    """Records what the leases told it, as an engine would act on it."""
+    """Records what the leases told it, as an engine would act on it; ``pause`` is how long
+    it takes to stop acting on a partition it lost (a subscription draining)."""
 
-    def __init__(self) -> None:
+    def __init__(self, pause: float = 0.0) -> None:
         self.held: set[int] = set()
         self.told: list[tuple[str, int]] = []
+        self.pause = pause
+        self.stuck: set[int] = set()
 
     async def gained(self, partition: int) -> None:
         assert partition not in self.held
@@ -44,10 +47,13 @@ class Holder:
         self.told.append(("gained", partition))
 
     async def lost(self, partition: int) -> None:
+        await asyncio.sleep(self.pause)
         self.held.discard(partition)
         self.told.append(("lost", partition))
 
     async def release(self, partition: int) -> None:
+        if partition in self.stuck:  # work that does not finish
+            await asyncio.Event().wait()
         self.held.discard(partition)
         self.told.append(("release", partition))
 
@@ -116,8 +122,8 @@ async def cut_off(nats_server: NatsServer) -> AsyncIterator[tuple[NATS, Relay]]:
     await relay.close()
 
 
-async def engine(nc: NATS, name: str, clock: Clock) -> tuple[Leases, Holder]:
-    holder = Holder()
+async def engine(nc: NATS, name: str, clock: Clock, pause: float = 0.0) -> tuple[Leases, Holder]:
+    holder = Holder(pause)
     leases = Leases(nc, "TEST_LEASES", 1, name, holder, clock=clock, timeout=1.0)
     await leases.open()
     return leases, holder
@@ -263,3 +269,55 @@ async def test_a_holder_back_before_the_term_acts_on_its_partitions_again(
     assert held_a.held == cut
     assert not (held_b.held & cut)
     no_partition_twice(held_a, held_b)
+
+
+async def test_renewals_that_land_while_the_holder_is_being_told_it_lost_leave_it_acting(
+    nc: NATS, cut_off: tuple[NATS, Relay]
+):
+    """Renewals sent while cut off land once the cut mends, while the fence is still
+    telling the holder, one partition at a time, that it lost them: the holder ends up
+    acting on every lease it holds, told of each loss before it is told it holds it again."""
+    through_relay, relay = cut_off
+    clock = Clock()
+    a, held_a = await engine(through_relay, "a", clock, pause=0.05)
+    b, held_b = await engine(nc, "b", clock)
+    await rounds(a, b, times=4)
+    cut = set(held_a.held)
+
+    relay.cut()
+    clock.now += FENCE + 0.5
+
+    async def fence_then_mend() -> None:
+        await asyncio.sleep(0.1)  # the renewals are on their way, into the cut
+        mending = asyncio.get_running_loop().call_later(0.3, relay.mend)
+        await a.fence()  # as the watchdog does, while the renewals land
+        mending.cancel()
+
+    await asyncio.gather(a.tick(), fence_then_mend(), return_exceptions=True)
+    await rounds(a, b, times=3)
+
+    assert cut and held_a.held == set(a.held) == cut
+    assert not held_b.held & cut
+    for partition in cut:
+        told = [kind for kind, p in held_a.told if p == partition]
+        assert told[-2:] == ["lost", "gained"], (partition, told)
+
+
+async def test_a_stop_whose_work_does_not_drain_keeps_that_partition_to_lapse(nc: NATS):
+    """Stopping, an engine lets go of the partitions whose work drained within the timeout,
+    and keeps the one whose work did not: it passes on only when its lease lapses."""
+    clock = Clock()
+    a, held_a = await engine(nc, "a", clock)
+    b, held_b = await engine(nc, "b", clock)
+    await rounds(a, b, times=4)
+    stuck = min(held_a.held)
+    held_a.stuck.add(stuck)
+
+    await asyncio.wait_for(a.stop(timeout=0.5), 5)
+    await rounds(b, times=2)
+    early = set(held_b.held)
+    clock.now += TERM + 0.5
+    await rounds(b, times=2)
+
+    assert early == set(range(PARTITIONS)) - {stuck}
+    assert held_b.held == set(range(PARTITIONS))

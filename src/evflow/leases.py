@@ -123,6 +123,8 @@ class Leases:
         self._releasing: dict[int, asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
+        self._fenced: set[int] = set()  # lapsed, and the holder was told it lost them
+        self._stopping = False
 
     @property
     def held(self) -> frozenset[int]:
@@ -145,27 +147,48 @@ class Leases:
         self._watchdog = asyncio.create_task(self._watch_fences(), name="evflow-fences")
         logger.info("engine %s keeps partition leases in %s", self.engine, self._bucket_name)
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float | None = None) -> None:
         """Let go of every partition, each once its work has drained, so that the other
-        engines take them over at once; then remove this engine's key."""
+        engines take them over at once; then remove this engine's key.
+
+        Work still running after ``timeout`` seconds keeps its partition: this engine
+        stops renewing it, and it passes to another engine when its lease lapses."""
         if self._kv is None:
             return
-        for task in (self._task, self._watchdog):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        self._task = self._watchdog = None
-        draining = [
-            self._releasing.get(p) or self._holder.release(p)
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        draining = {
+            p: asyncio.ensure_future(self._releasing.get(p) or self._holder.release(p))
             for p, lease in self._held.items()
             if not lease.lapsed
-        ]
+        }
         renewing = asyncio.create_task(self._renew_while_draining())
-        await asyncio.gather(*draining, return_exceptions=True)
-        renewing.cancel()
-        await asyncio.gather(renewing, return_exceptions=True)
+        try:
+            if draining:
+                await asyncio.wait(draining.values(), timeout=timeout)
+        finally:
+            for task in (renewing, self._watchdog):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+            self._watchdog = None
         self._releasing.clear()
-        await asyncio.gather(*(self._let_go(p) for p in list(self._held)))
+        kept = sorted(p for p, drain in draining.items() if not drain.done())
+        for p in kept:
+            draining[p].cancel()
+        await asyncio.gather(*draining.values(), return_exceptions=True)
+        if kept:
+            logger.warning(
+                "engine %s stops with work still running on partitions %s; they pass to "
+                "another engine when their leases lapse, in %g s",
+                self.engine,
+                ", ".join(map(str, kept)),
+                self._term,
+            )
+        await asyncio.gather(*(self._let_go(p) for p in list(self._held) if p not in kept))
         try:
             await self._kv.delete(self._engine_key(self.engine))
         except Exception as error:  # it lapses by itself within TERM
@@ -183,7 +206,7 @@ class Leases:
         while True:
             await asyncio.sleep(self._renew / 4)
             try:
-                await self._lapse()
+                await self.fence()
             except Exception:  # the engine failed to stop acting: an operator must know
                 logger.exception(
                     "engine %s failed to stop acting on a lapsed partition", self.engine
@@ -202,7 +225,7 @@ class Leases:
         the bucket, then take or let go of partitions towards this engine's share."""
         await self._let_go_drained()
         await asyncio.gather(self._beat(), self._renew_all())
-        await self._lapse()
+        await self.fence()
         await self._look()
         await self._balance()
 
@@ -239,10 +262,20 @@ class Leases:
             return
         if self._held.get(partition) is not lease:
             return  # let go meanwhile
+        if lease.lapsed and not self._may_act_again(partition):
+            self._held[partition] = _Lease(revision, sent, lapsed=True)
+            return
         self._held[partition] = _Lease(revision, sent)
         if lease.lapsed:
+            self._fenced.discard(partition)
             logger.info("engine %s holds partition %d again", self.engine, partition)
             await self._holder.gained(partition)
+
+    def _may_act_again(self, partition: int) -> bool:
+        """Whether a lapsed lease, renewed, may be acted on again: once the holder was told
+        it lost it (not before, or its telling would undo this), and unless this engine is
+        letting go of it (a surplus, or stopping): then it stays lapsed until let go."""
+        return partition in self._fenced and partition not in self._releasing and not self._stopping
 
     async def _wrote_last(self, partition: int, lease: _Lease) -> bool:
         """Whether the key's latest revision is this engine's own: a renewal whose answer
@@ -263,7 +296,9 @@ class Leases:
             lease.revision = entry.revision
         return True
 
-    async def _lapse(self) -> None:
+    async def fence(self) -> None:
+        """Tell the holder it lost every lease gone ``fence`` seconds without a renewal:
+        it must stop acting before another engine may take them (``term``)."""
         now = self._clock()
         lapsed = [
             partition
@@ -283,6 +318,7 @@ class Leases:
         )
         for partition in lapsed:
             await self._holder.lost(partition)
+            self._fenced.add(partition)
 
     async def _look(self) -> None:
         """Read every key's latest revision; note when each revision was first seen."""
@@ -351,6 +387,7 @@ class Leases:
         await self._holder.gained(partition)
 
     async def _let_go(self, partition: int) -> None:
+        self._fenced.discard(partition)
         lease = self._held.pop(partition, None)
         if lease is None:
             return
@@ -362,6 +399,7 @@ class Leases:
         logger.info("engine %s let go of partition %d", self.engine, partition)
 
     async def _lose(self, partition: int, why: str) -> None:
+        self._fenced.discard(partition)
         lease = self._held.pop(partition, None)
         logger.warning("engine %s lost partition %d: %s", self.engine, partition, why)
         if lease is not None and not lease.lapsed:
