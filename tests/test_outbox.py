@@ -21,8 +21,10 @@ from nats.js import JetStreamContext
 from evflow import Client
 from evflow.events import ExecutionPaused, ExecutionStarted, StoredEvent
 from evflow.nats_server import NatsServer
+from evflow.outbox import Outbox
 from evflow.server import Server
 from evflow.store.sqlite import SqliteStore
+from evflow.subjects import Subjects
 from evflow.timers import SystemClock
 from wire import APPROVAL, YES
 
@@ -193,3 +195,31 @@ async def test_notifications_wait_out_a_nats_restart(
         await reconnected.drain()
     assert ids == await log_ids(store_url)
     assert f"{state.execution_id}:2" in ids
+
+
+async def test_a_shared_outbox_told_to_stand_by_while_taking_the_lead_does_not_lead(
+    nats_server: NatsServer, tmp_path: Path
+):
+    """An engine that loses partition 0 while its outbox reads the checkpoint to lead must
+    not start publishing afterwards: another engine's outbox publishes by then."""
+    store = SqliteStore(tmp_path / "log.db")
+    await store.open()
+    nc = await nats.connect(nats_server.url)
+    outbox = Outbox(store, nc, Subjects(), shared=True)
+    try:
+        await outbox.start()
+        assert not outbox.leading
+
+        leading = asyncio.create_task(outbox.lead())
+        await asyncio.sleep(0)  # it reads the checkpoint
+        outbox.stop_leading()
+        await leading
+        after_stand_by = outbox.leading
+        await outbox.lead()
+
+        assert not after_stand_by
+        assert outbox.leading  # told to lead again, it does
+    finally:
+        await outbox.close()
+        await nc.close()
+        await store.close()

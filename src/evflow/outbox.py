@@ -94,6 +94,8 @@ class Outbox:
         self._leading = asyncio.Event()
         self._pinged = False
         self._pings: Subscription | None = None
+        self._terms = 0  # times told to stand by: a lead under way then does not start
+        self._handing_over: asyncio.Future[None] | None = None
         if not shared:
             self._leading.set()
         self.position = 0
@@ -129,27 +131,60 @@ class Outbox:
         if not self._nc.is_closed:
             asyncio.ensure_future(self._nc.publish(self._subjects.appended(), b""))
 
+    @property
+    def leading(self) -> bool:
+        """Whether this outbox publishes (always, unless engines share the log)."""
+        return self._leading.is_set()
+
     async def lead(self) -> None:
-        """Publish from the saved checkpoint on (this engine took partition 0)."""
+        """Publish from the saved checkpoint on (this engine took partition 0). Told to
+        stand by meanwhile, it does not start."""
         if self._leading.is_set():
             return
+        term = self._terms
         position = await self._store.load_checkpoint(self.CHECKPOINT)  # may fail: not leading
-        self._pings = await self._nc.subscribe(self._subjects.appended(), cb=self._woken)
-        self.position = position
+        if term != self._terms:
+            return
+        pings = await self._nc.subscribe(self._subjects.appended(), cb=self._woken)
+        if term != self._terms:
+            await pings.unsubscribe()
+            return
+        self._pings, self.position = pings, position
         self._saved = (self.position, time.monotonic())
         self._leading.set()
         self._wake.set()
         logger.info("this engine's outbox publishes from log position %d", self.position)
 
-    async def stand_by(self) -> None:
-        """Stop publishing: another engine's outbox takes over from the checkpoint."""
+    def stop_leading(self) -> None:
+        """Stop publishing at once (this engine lost partition 0, and another may hold it);
+        the checkpoint is saved in the background, as NATS may be out of reach."""
+        self._terms += 1
         if not self._leading.is_set():
             return
         self._leading.clear()
-        if self._pings is not None:
-            subscription, self._pings = self._pings, None
-            await subscription.unsubscribe()
-        await self._save_checkpoint(when_due=False)
+        self._handing_over = asyncio.ensure_future(self._hand_over())
+
+    async def stand_by(self) -> None:
+        """Stop publishing and save the checkpoint: another engine's outbox takes over
+        from it (this engine let go of partition 0)."""
+        self.stop_leading()
+        if self._handing_over is not None:
+            await self._handing_over
+
+    async def _hand_over(self) -> None:
+        subscription, self._pings = self._pings, None
+        try:
+            if subscription is not None:
+                await subscription.unsubscribe()
+            await self._save_checkpoint(when_due=False, leading=False)
+        except Exception as error:  # the next publisher starts further back: the stream
+            logger.warning(  # drops, within its duplicate window, what it publishes again
+                "the outbox could not save its checkpoint at log position %d on standing "
+                "by (%s); the next publisher starts from an earlier one",
+                self.position,
+                error,
+            )
+            return
         logger.info("this engine's outbox stands by at log position %d", self.position)
 
     async def _woken(self, msg: Msg) -> None:
@@ -172,6 +207,8 @@ class Outbox:
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
         self._task = None
+        if self._handing_over is not None:  # a checkpoint saved on losing partition 0
+            await asyncio.gather(self._handing_over, return_exceptions=True)
         await self._publisher.close()
 
     async def _run(self) -> None:
@@ -242,8 +279,11 @@ class Outbox:
                 follower(flow, stored)
         logger.debug("published %d notifications up to position %d", len(events), self.position)
 
-    async def _save_checkpoint(self, when_due: bool) -> None:
-        """Save the position reached, if it moved (and, ``when_due``, if a save is due)."""
+    async def _save_checkpoint(self, when_due: bool, leading: bool = True) -> None:
+        """Save the position reached, if it moved (and, ``when_due``, if a save is due);
+        on a shared log only while leading (or standing by), not over the next leader's."""
+        if leading and not self._leading.is_set():
+            return
         position, at = self._saved
         now = time.monotonic()
         if self.position == position or (when_due and now - at < self._checkpoint_every):
