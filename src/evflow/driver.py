@@ -233,6 +233,10 @@ class Driver:
                 version=latest[-1].version,
             )
 
+    def busy(self, which: Callable[[str], bool]) -> bool:
+        """Whether an execution ``which`` picks holds its lock, or waits for it."""
+        return any(which(execution_id) for execution_id in self._holders)
+
     @asynccontextmanager
     async def exclusive(self, execution_id: str) -> AsyncIterator[None]:
         """Hold the execution's lock: one command at a time per execution in this process."""

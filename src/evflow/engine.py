@@ -94,8 +94,22 @@ class Engine:
     async def take_partition(self, partition: int) -> int:
         """Act on a partition this engine now holds: load its timers, then drive on what a
         crash or another engine left running there; returns how many were driven on."""
-        self.timers.add_all(await self.store.pending_timers({partition}))
+        loaded = await self.store.pending_timers({partition})
+        self.timers.add_all(t for t in loaded if self._not_overtaken(t))
         return await self.recover(partitions={partition})
+
+    def _not_overtaken(self, timer: Timer) -> bool:
+        """Whether a timer read from the log is no older than the one held for its
+        execution: a command may set a newer one while the log is read."""
+        held = self.timers.pending(timer.execution_id)
+        return held is None or held.version <= timer.version
+
+    async def quiesce(self, partition: int) -> None:
+        """Wait until nothing runs here on the partition's executions (a command, a timer's
+        firing, a drive on): before it is let go, so that its next holder does not drive
+        one on meanwhile."""
+        while self._driver.busy(lambda execution_id: partition_of(execution_id) == partition):
+            await asyncio.sleep(0.05)
 
     def drop_partition(self, partition: int) -> None:
         """Stop acting on a partition another engine may hold now: forget its timers, and
@@ -498,6 +512,8 @@ class Engine:
 
         async def drive(execution_id: str) -> bool:
             async with slots:
+                if not self.acts_on(execution_id):
+                    return False  # its partition was lost meanwhile: the new holder drives
                 try:
                     async with self._driver.exclusive(execution_id):
                         await self._driver.drive_on(execution_id)

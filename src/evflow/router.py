@@ -112,6 +112,7 @@ class Router:
         self._running: dict[int, int] = {}
         self._idle: dict[int, asyncio.Event] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._takes: dict[int, asyncio.Task[None]] = {}  # acting on a gained partition
         if shared:
             engine.acts_on = self.acts_on
 
@@ -183,10 +184,17 @@ class Router:
     async def gained(self, partition: int) -> None:
         """Take the partition's commands and timers, and drive on what runs there."""
         self.held.add(partition)
-        self._listening[partition] = await self._nc.subscribe(
+        subscription = await self._nc.subscribe(
             self._subjects.partition(partition), queue=_QUEUE, cb=self._forwarded
         )
-        self._track(self._take(partition))
+        if partition not in self.held:  # lost while subscribing
+            self._track(self._drain(partition, subscription))
+            return
+        self._listening[partition] = subscription
+        take = asyncio.ensure_future(self._take(partition))
+        self._takes[partition] = take
+        self._tasks.add(take)
+        take.add_done_callback(self._tasks.discard)
 
     async def _take(self, partition: int) -> None:
         """Act on a gained partition, trying again while it is held: a holder that cannot
@@ -211,6 +219,8 @@ class Router:
                     )
                     await asyncio.sleep(delay)
         finally:
+            if self._takes.get(partition) is asyncio.current_task():
+                del self._takes[partition]
             self._running[partition] -= 1
             if not self._running[partition] and partition in self._idle:
                 self._idle[partition].set()
@@ -223,41 +233,51 @@ class Router:
             logger.info("drove on %d executions of partition %d", recovered, partition)
 
     async def lost(self, partition: int) -> None:
-        """Stop acting on the partition at once: another engine may hold it now."""
+        """Stop acting on the partition at once, another engine may hold it now: nothing
+        here waits on NATS, which may be out of reach, before this engine has stopped."""
         self.held.discard(partition)
-        await self._stop_listening(partition)
+        take = self._takes.pop(partition, None)
+        if take is not None:
+            take.cancel()  # what it was driving on is driven on by the new holder
         self._engine.drop_partition(partition)
         if partition == PUBLISHER and self._outbox is not None:
-            self._track(self._outbox.stand_by())
+            self._outbox.stop_leading()
+        subscription = self._listening.pop(partition, None)
+        if subscription is not None:
+            self._track(self._drain(partition, subscription))
 
     async def release(self, partition: int) -> None:
-        """Stop taking the partition's commands, let those running finish, then forget it."""
+        """Stop taking the partition's commands, let those running here finish (commands,
+        timer firings, drives), then forget it: the next holder starts where they ended."""
         self.held.discard(partition)
-        await self._stop_listening(partition)
+        subscription = self._listening.pop(partition, None)
+        if subscription is not None:
+            await self._drain(partition, subscription)
         idle = self._idle.setdefault(partition, asyncio.Event())
         if self._running.get(partition):
             idle.clear()
             await idle.wait()
         del self._idle[partition]
+        await self._engine.quiesce(partition)
         self._engine.drop_partition(partition)
         if partition == PUBLISHER and self._outbox is not None:
             await self._outbox.stand_by()
 
     async def stop(self) -> None:
         """Stop listening on every partition and wait for the forwarded commands."""
+        for take in self._takes.values():
+            take.cancel()
         for partition in list(self._listening):
-            await self._stop_listening(partition)
+            await self._drain(partition, self._listening.pop(partition))
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _stop_listening(self, partition: int) -> None:
-        """Drain the partition's subscription: what it already received is answered 'not
+    async def _drain(self, partition: int, subscription: Subscription) -> None:
+        """Drain a partition's subscription: what it already received is answered 'not
         held', so that its senders try again, rather than left to time out."""
-        subscription = self._listening.pop(partition, None)
-        if subscription is not None:
-            try:
-                await subscription.drain()
-            except Exception as error:  # the connection is closing or gone
-                logger.debug("draining partition %d failed (%s)", partition, error)
+        try:
+            await subscription.drain()
+        except Exception as error:  # the connection is closing or gone
+            logger.debug("draining partition %d failed (%s)", partition, error)
 
     async def _forwarded(self, msg: Msg) -> None:
         self._track(self._serve(msg))

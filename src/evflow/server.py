@@ -167,7 +167,8 @@ class Server:
                 self.intake.stop(timeout) if self.intake else None,
             )
             await _quietly(
-                "letting go of the partitions", self.leases.stop() if self.leases else None
+                "letting go of the partitions",
+                self.leases.stop(timeout) if self.leases else None,
             )
             await _quietly(
                 "stopping the timers",
