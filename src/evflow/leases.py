@@ -213,6 +213,13 @@ class Leases:
                 )
 
     async def _keep(self) -> None:
+        """Run a round every ``renew`` seconds.
+
+        Known limit: renewals are as frequent as whole rounds, and a round's other requests
+        (look, take, let go) each wait up to ``timeout`` when JetStream is slow. Rounds
+        stretched past the fence make an engine stop acting on partitions it still holds,
+        then act again a round later: timers reload and recovery reruns, correctly but in
+        vain."""
         while True:
             try:
                 await self.tick()
