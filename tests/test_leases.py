@@ -129,6 +129,24 @@ async def engine(nc: NATS, name: str, clock: Clock, pause: float = 0.0) -> tuple
     return leases, holder
 
 
+async def sharing(
+    cut_off: NATS, nc: NATS, clock: Clock, pause: float = 0.0
+) -> tuple[tuple[Leases, Holder], tuple[Leases, Holder]]:
+    """Engine a, on the connection that can be cut, and engine b, sharing the partitions."""
+    a = await engine(cut_off, "a", clock, pause)
+    b = await engine(nc, "b", clock)
+    await rounds(a[0], b[0], times=4)
+    return a, b
+
+
+async def fenced_while_cut(leases: Leases, relay: Relay, clock: Clock) -> None:
+    """Cut the engine off past its fence, and run a round: its renewals go unanswered."""
+    relay.cut()
+    clock.now += FENCE + 0.5
+    with pytest.raises((TimeoutError, Unavailable)):  # renewals unanswered; the look too
+        await leases.tick()
+
+
 async def rounds(*engines: Leases, times: int = 3) -> None:
     for _ in range(times):
         for leases in engines:
@@ -214,18 +232,12 @@ async def test_a_holder_cut_off_stops_acting_at_its_fence_before_another_takes_o
     """Cut off from NATS, a holder cannot renew: past the fence it is told it lost its
     partitions, while the term still keeps the other engine from taking them; past the term
     the other takes them, and the holder, back, does not renew over it."""
-    through_relay, relay = cut_off
-    clock = Clock()
-    a, held_a = await engine(through_relay, "a", clock)
-    b, held_b = await engine(nc, "b", clock)
-    await rounds(a, b, times=4)
+    relay, clock = cut_off[1], Clock()
+    (a, held_a), (b, held_b) = await sharing(cut_off[0], nc, clock)
     cut = set(held_a.held)
 
-    relay.cut()
     before_cut = len(held_a.told)
-    clock.now += FENCE + 0.5
-    with pytest.raises((TimeoutError, Unavailable)):  # renewals unanswered; the look too
-        await a.tick()
+    await fenced_while_cut(a, relay, clock)
     fenced = set(held_a.held)
     await rounds(b)
     early = set(held_b.held)
@@ -249,17 +261,11 @@ async def test_a_holder_back_before_the_term_acts_on_its_partitions_again(
 ):
     """Cut off past its fence but back before the term, a holder renews its leases, which
     no other engine could take meanwhile, and acts on its partitions again."""
-    through_relay, relay = cut_off
-    clock = Clock()
-    a, held_a = await engine(through_relay, "a", clock)
-    b, held_b = await engine(nc, "b", clock)
-    await rounds(a, b, times=4)
+    relay, clock = cut_off[1], Clock()
+    (a, held_a), (b, held_b) = await sharing(cut_off[0], nc, clock)
     cut = set(held_a.held)
 
-    relay.cut()
-    clock.now += FENCE + 0.5
-    with pytest.raises((TimeoutError, Unavailable)):
-        await a.tick()
+    await fenced_while_cut(a, relay, clock)
     fenced = set(held_a.held)
     await rounds(b)
     relay.mend()
@@ -277,11 +283,8 @@ async def test_renewals_that_land_while_the_holder_is_being_told_it_lost_leave_i
     """Renewals sent while cut off land once the cut mends, while the fence is still
     telling the holder, one partition at a time, that it lost them: the holder ends up
     acting on every lease it holds, told of each loss before it is told it holds it again."""
-    through_relay, relay = cut_off
-    clock = Clock()
-    a, held_a = await engine(through_relay, "a", clock, pause=0.05)
-    b, held_b = await engine(nc, "b", clock)
-    await rounds(a, b, times=4)
+    relay, clock = cut_off[1], Clock()
+    (a, held_a), (b, held_b) = await sharing(cut_off[0], nc, clock, pause=0.05)
     cut = set(held_a.held)
 
     relay.cut()
