@@ -22,7 +22,6 @@ import asyncio
 import gc
 import json
 import os
-import platform
 import sqlite3
 import statistics
 import sys
@@ -45,6 +44,7 @@ sys.path.insert(0, str(OPS))
 
 from bench_flows import app  # noqa: E402
 from bench_timers import serve_start  # noqa: E402
+from machine import machine  # noqa: E402
 
 from evflow.events import (  # noqa: E402
     ExecutionCompleted,
@@ -319,15 +319,6 @@ def report(figures: dict[str, Any]) -> None:
     )
     console.print(f"command: {figures['command']}")
     console.print(f"machine: {figures['machine']}")
-
-
-def machine() -> str:
-    """The system, cores, memory and Python the figures were measured on."""
-    return (
-        f"{platform.system()} {platform.release()} {platform.machine()}, "
-        f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
-        f"Python {platform.python_version()}"
-    )
 
 
 @click.command()

@@ -21,7 +21,8 @@ from rich.table import Table
 OPS = Path(__file__).resolve().parent
 sys.path.insert(0, str(OPS))
 
-from bench import load, machine, percentile, ready  # noqa: E402
+from bench import load, percentile, ready  # noqa: E402
+from machine import machine  # noqa: E402
 
 from evflow.nats_cluster import NatsCluster  # noqa: E402
 from evflow.nats_server import NatsServer  # noqa: E402

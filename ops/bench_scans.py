@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-import psutil
+from machine import machine
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -157,11 +155,7 @@ def report(figures: dict[str, Any]) -> None:
 def main(executions: int, json_path: str | None) -> None:
     """Time the JetStream log's start-up scans and listing on a log of many executions."""
     figures = asyncio.run(run(executions))
-    figures["machine"] = (
-        f"{platform.system()} {platform.release()} {platform.machine()}, "
-        f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
-        f"Python {platform.python_version()}"
-    )
+    figures["machine"] = machine()
     figures["command"] = ("ops/bench-scans " + " ".join(sys.argv[1:])).strip()
     report(figures)
     if json_path:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ OPS = Path(__file__).resolve().parent
 sys.path.insert(0, str(OPS))
 
 from bench_flows import app  # noqa: E402
+from machine import machine  # noqa: E402
 
 from evflow import Engine, ManualClock  # noqa: E402
 from evflow.events import ExecutionStarted, StoredEvent, TimerStarted  # noqa: E402
@@ -190,11 +190,7 @@ def report(figures: dict[str, Any], command: str) -> None:
 def main(executions: int, json_path: str | None) -> None:
     """Measure start-up, memory and firing with many executions waiting on timers."""
     figures = asyncio.run(run(executions))
-    figures["machine"] = (
-        f"{platform.system()} {platform.release()} {platform.machine()}, "
-        f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
-        f"Python {platform.python_version()}"
-    )
+    figures["machine"] = machine()
     command = "ops/bench-timers " + " ".join(sys.argv[1:])
     figures["command"] = command.strip()
     report(figures, figures["command"])
