@@ -298,7 +298,12 @@ class Router:
             return
         except Exception:
             logger.exception("a forwarded command on partition %d failed", forward.partition)
-            failure = InternalError("the engine holding the execution failed; see its log")
+            command = forward.command
+            failure = InternalError(
+                f"the engine holding {_named(command)} failed running it; its log says why "
+                "(send the command again with the same Idempotency-Key to learn its outcome)",
+                execution_id=getattr(command, "execution_id", None),
+            )
             await self._reply(msg, msgspec.json.encode(failure.to_body()), {_ERROR: "1"})
             return
         await self._reply(msg, _encode(state), None)

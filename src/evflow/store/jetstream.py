@@ -151,7 +151,9 @@ class JetStreamStore:
             refused = error.get("description")
             if refusal_may_pass(error.get("code"), error.get("err_code")):
                 raise Unavailable(
-                    f"JetStream could not create the stream {self.stream} yet ({refused})"
+                    f"JetStream could not create the stream {self.stream} yet ({refused}); "
+                    "the cluster is electing a leader or lacks a quorum: bring a majority "
+                    "of its nodes up, and the start tries again within --startup-timeout"
                 )
             if error.get("err_code") == _REPLICAS_NOT_SUPPORTED:
                 raise StoreError(
