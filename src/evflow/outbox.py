@@ -176,7 +176,7 @@ class Outbox:
         try:
             if subscription is not None:
                 await subscription.unsubscribe()
-            await self._save_checkpoint(when_due=False, leading=False)
+            await self._save_checkpoint(when_due=False, handing_over=True)
         except Exception as error:  # the next publisher starts further back: the stream
             logger.warning(  # drops, within its duplicate window, what it publishes again
                 "the outbox could not save its checkpoint at log position %d on standing "
@@ -279,10 +279,10 @@ class Outbox:
                 follower(flow, stored)
         logger.debug("published %d notifications up to position %d", len(events), self.position)
 
-    async def _save_checkpoint(self, when_due: bool, leading: bool = True) -> None:
+    async def _save_checkpoint(self, when_due: bool, handing_over: bool = False) -> None:
         """Save the position reached, if it moved (and, ``when_due``, if a save is due);
-        on a shared log only while leading (or standing by), not over the next leader's."""
-        if leading and not self._leading.is_set():
+        on a shared log only while leading or handing over, not over the next leader's."""
+        if not handing_over and not self._leading.is_set():
             return
         position, at = self._saved
         now = time.monotonic()
